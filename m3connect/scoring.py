@@ -1,0 +1,143 @@
+"""Exact BGE-M3 scores: one query against many documents, vectorized.
+
+These are the project's definitions (the paper's section 3 and the reference ``compute_score``).
+Every store adapter and retriever reports scores on this scale; adapters convert what their
+database computes (a MaxSim *sum*, Elasticsearch's ``(1 + dot) / 2``) back to these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from m3connect.types import M3Embedding, M3Output
+
+#: The reference README's weights for (dense, sparse, colbert).
+DEFAULT_WEIGHTS: tuple[float, float, float] = (0.4, 0.2, 0.4)
+
+# Query rows x document rows per matmul block in colbert_scores: bounds memory on large
+# candidate sets (64 query rows x 2^20 doc rows of float32 = 256 MiB).
+_COLBERT_BLOCK_ELEMENTS = 1 << 26
+
+
+def dense_scores(query: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """``<e_q, e_p>`` for each document row. ``query`` is ``[d]``, ``docs`` ``[n, d]``."""
+    query = np.asarray(query, dtype=np.float32)
+    docs = np.asarray(docs)
+    if docs.ndim != 2 or docs.shape[1] != query.shape[-1]:
+        raise ValueError(f"dense shapes do not match: query {query.shape}, docs {docs.shape}")
+    return (docs.astype(np.float32, copy=False) @ query).astype(np.float64)
+
+
+def lexical_score(query: Mapping[int, float], doc: Mapping[int, float]) -> float:
+    """``sum over shared token ids t of w_q[t] * w_p[t]``."""
+    if len(doc) < len(query):
+        query, doc = doc, query
+    return float(sum(w * doc[t] for t, w in query.items() if t in doc))
+
+
+def lexical_scores(query: Mapping[int, float], docs: Sequence[Mapping[int, float]]) -> np.ndarray:
+    """:func:`lexical_score` of the query against each document."""
+    items = list(query.items())
+    out = np.zeros(len(docs), dtype=np.float64)
+    for i, doc in enumerate(docs):
+        out[i] = sum(w * doc[t] for t, w in items if t in doc)
+    return out
+
+
+def colbert_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:
+    """Mean over query rows of the best dot product with any document row.
+
+    ``query`` is ``[m, d]``; each document ``[n_i, d]`` (float32 or float16). A document with
+    no rows scores 0. Databases compute the *sum* (MaxSim); divide theirs by ``m`` to compare.
+    """
+    query = np.asarray(query, dtype=np.float32)
+    if query.ndim != 2:
+        raise ValueError(f"a ColBERT query must be [m, d], got shape {query.shape}")
+    out = np.zeros(len(docs), dtype=np.float64)
+    if len(docs) == 0 or query.shape[0] == 0:
+        return out
+    lengths = np.array([len(d) for d in docs])
+    for d in docs:
+        if len(d) and (np.ndim(d) != 2 or d.shape[1] != query.shape[1]):
+            raise ValueError(f"ColBERT shapes do not match: query {query.shape}, doc {np.shape(d)}")
+    block_rows = max(1, _COLBERT_BLOCK_ELEMENTS // max(1, query.shape[0]))
+    start = 0
+    while start < len(docs):
+        # Gather documents until the block of document rows is full.
+        stop, rows = start, 0
+        while stop < len(docs) and (rows == 0 or rows + lengths[stop] <= block_rows):
+            rows += lengths[stop]
+            stop += 1
+        nonempty = [i for i in range(start, stop) if lengths[i] > 0]
+        if nonempty:
+            matrix = np.concatenate([np.asarray(docs[i], dtype=np.float32) for i in nonempty])
+            sims = query @ matrix.T  # [m, rows]
+            offsets = np.concatenate([[0], np.cumsum(lengths[nonempty])[:-1]])
+            best = np.maximum.reduceat(sims, offsets, axis=1)  # [m, len(nonempty)]
+            out[nonempty] = best.astype(np.float64).mean(axis=0)
+        start = stop
+    return out
+
+
+def combine_scores(
+    dense: np.ndarray | float | None,
+    sparse: np.ndarray | float | None,
+    colbert: np.ndarray | float | None,
+    weights: Sequence[float] = DEFAULT_WEIGHTS,
+) -> np.ndarray:
+    """``(w1*s_dense + w2*s_lex + w3*s_mul) / (w1 + w2 + w3)``, the reference ``compute_score``.
+
+    A part may be ``None`` only if its weight is 0.
+    """
+    if len(weights) != 3:
+        raise ValueError(f"weights are (dense, sparse, colbert), got {tuple(weights)}")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be >= 0 with a positive sum, got {tuple(weights)}")
+    total: np.ndarray | float = 0.0
+    for name, part, w in zip(("dense", "sparse", "colbert"), (dense, sparse, colbert), weights):
+        if w == 0:
+            continue
+        if part is None:
+            raise ValueError(f"weight {w} given for {name} but no {name} score")
+        total = total + w * np.asarray(part, dtype=np.float64)
+    return np.asarray(total, dtype=np.float64) / float(sum(weights))
+
+
+def score_all(
+    query: M3Embedding,
+    docs: M3Output,
+    parts: Sequence[str] = ("dense", "sparse", "colbert"),
+) -> dict[str, np.ndarray]:
+    """Each requested score of one query against every document, keyed by part name."""
+    scorers = {
+        "dense": lambda: dense_scores(_need(query.dense, "dense"), _need(docs.dense, "dense")),
+        "sparse": lambda: lexical_scores(_need(query.sparse, "sparse"), _need(docs.sparse, "sparse")),
+        "colbert": lambda: colbert_scores(
+            _need(query.colbert, "colbert"), _need(docs.colbert, "colbert")
+        ),
+    }
+    unknown = set(parts) - scorers.keys()
+    if unknown:
+        raise ValueError(f"unknown score parts {sorted(unknown)}; known: dense, sparse, colbert")
+    return {name: scorers[name]() for name in parts}
+
+
+def compute_score(
+    query: M3Embedding, docs: M3Output, weights: Sequence[float] = DEFAULT_WEIGHTS
+) -> dict[str, np.ndarray]:
+    """All three scores and their weighted combination, as the reference ``compute_score``
+    returns them (keys ``dense``, ``sparse``, ``colbert``, ``all``)."""
+    parts = [name for name, w in zip(("dense", "sparse", "colbert"), weights) if w != 0]
+    scores = score_all(query, docs, parts)
+    scores["all"] = combine_scores(
+        scores.get("dense"), scores.get("sparse"), scores.get("colbert"), weights
+    )
+    return scores
+
+
+def _need(value, name: str):  # type: ignore[no-untyped-def]
+    if value is None:
+        raise ValueError(f"the {name} representation was not computed (encode with it enabled)")
+    return value

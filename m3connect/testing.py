@@ -1,0 +1,241 @@
+"""A tiny random checkpoint with exactly the layout of ``BAAI/bge-m3``.
+
+No machine of this project can download the real weights, and users who want to try the
+pipeline before downloading 2.3 GB should not have to either. :func:`build_random_checkpoint`
+writes, in about a second, a folder that :class:`m3connect.encoder.M3Encoder` (and any other
+loader of the real checkpoint) reads through the very same code path:
+
+- ``config.json``: an ``XLMRobertaModel`` config (8194 positions, pad 1, bos 0, eos 2);
+- ``model.safetensors``: the randomly initialised body;
+- ``tokenizer.json`` + ``tokenizer_config.json`` + ``special_tokens_map.json``: an XLM-R style
+  Unigram tokenizer (``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, ``<mask>`` last,
+  ``<s> X </s>``) whose vocabulary is derived from a small multilingual text;
+- ``colbert_linear.pt`` (``Linear(hidden, hidden)``, float16 like the hub) and
+  ``sparse_linear.pt`` (``Linear(hidden, 1)``): plain ``state_dict``s.
+
+The vectors it produces mean nothing; their *shapes and the arithmetic on them* are those of
+the real model, which is what the tests check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+__all__ = ["SAMPLE_TEXTS", "build_random_checkpoint", "SPECIAL_TOKENS"]
+
+#: The special tokens of XLM-RoBERTa in id order; ``<mask>`` is appended after the vocabulary.
+SPECIAL_TOKENS: tuple[str, ...] = ("<s>", "<pad>", "</s>", "<unk>")
+MASK_TOKEN = "<mask>"
+
+#: The text the tokenizer's vocabulary is derived from; also handy sample documents.
+SAMPLE_TEXTS: tuple[str, ...] = (
+    "The quick brown fox jumps over the lazy dog while the search engine indexes every page.",
+    "Dense retrieval encodes the query and the passage into one vector and compares them.",
+    "Sparse retrieval gives each token a weight, and the lexical score sums shared tokens.",
+    "Multi vector retrieval keeps one vector per token and scores with late interaction.",
+    "A hybrid system combines dense, sparse and multi vector scores into one ranking.",
+    "Long documents of thousands of tokens are split into chunks before they are indexed.",
+    "The database stores the vectors, answers nearest neighbour queries and fuses results.",
+    "Reciprocal rank fusion adds one over k plus rank for every list a document appears in.",
+    "What is the capital of France? Paris is the capital and largest city of France.",
+    "How many people live in Seoul? About ten million people live in the city of Seoul.",
+    "Machine learning models learn patterns from data; deep learning uses neural networks.",
+    "Der schnelle braune Fuchs springt über den faulen Hund, und die Suche findet alles.",
+    "Große Sprachmodelle verstehen Fragen und Antworten in vielen Sprachen der Welt.",
+    "Die Hauptstadt von Deutschland ist Berlin; München liegt im Süden des Landes.",
+    "Le renard brun rapide saute par-dessus le chien paresseux près de la rivière.",
+    "La recherche d'information trouve les documents pertinents pour une requête.",
+    "El zorro marrón rápido salta sobre el perro perezoso en la búsqueda de comida.",
+    "Быстрая коричневая лиса прыгает через ленивую собаку, а поиск находит документы.",
+    "빠른 갈색 여우가 게으른 개를 뛰어넘습니다. 검색 모델은 관련 문서를 찾습니다.",
+    "서울은 대한민국의 수도이며 약 천만 명의 사람들이 살고 있습니다.",
+    "이 논문은 다국어, 다기능, 다중 입도의 텍스트 임베딩 모델을 소개합니다.",
+    "敏捷的棕色狐狸跳过了懒狗。检索模型可以找到相关的文档。",
+    "北京是中国的首都，上海是中国最大的城市之一。",
+    "稠密检索、稀疏检索和多向量检索可以在一个模型中完成。",
+    "素早い茶色の狐がのろまな犬を飛び越えます。検索モデルは関連する文書を見つけます。",
+    "東京は日本の首都で、多くの人々が住んでいます。",
+    "الثعلب البني السريع يقفز فوق الكلب الكسول. نموذج البحث يجد المستندات المناسبة.",
+    "القاهرة هي عاصمة مصر وأكبر مدنها.",
+    "तेज़ भूरी लोमड़ी आलसी कुत्ते के ऊपर कूदती है। खोज मॉडल दस्तावेज़ ढूंढता है।",
+    "Η γρήγορη καφέ αλεπού πηδά πάνω από τον τεμπέλη σκύλο.",
+)
+
+# Characters every vocabulary gets even if the sample text lacks them, so that ordinary ASCII
+# text never maps to <unk>; emoji and rare symbols are deliberately left out (they must).
+_BASE_ALPHABET = (
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    ".,;:!?'\"()[]{}-_/\\&%$#@*+=<>|~^`"
+)
+_METASPACE = "\u2581"  # "▁", sentencepiece's word-boundary marker
+_MAX_PIECE_CHARS = 8
+_SUBWORD_PIECES = 600
+
+
+def _unigram_vocab(texts: tuple[str, ...]) -> list[tuple[str, float]]:
+    """A sentencepiece-like Unigram vocabulary: every character, plus the most useful
+    substrings of the words, each scored by its log frequency.
+
+    Built by counting rather than with ``tokenizers``' UnigramTrainer because the trainer is
+    not bit-for-bit reproducible (its scores and piece order vary from run to run), and a test
+    checkpoint must be identical for a given seed.
+    """
+    words: Counter[str] = Counter()
+    for text in texts:
+        for word in text.split():
+            words[_METASPACE + word] += 1
+    chars: Counter[str] = Counter()
+    pieces: Counter[str] = Counter()
+    for word, count in words.items():
+        for char in word:
+            chars[char] += count
+        for start in range(len(word)):
+            for end in range(start + 2, min(len(word), start + _MAX_PIECE_CHARS) + 1):
+                pieces[word[start:end]] += count
+    for char in _BASE_ALPHABET:
+        chars[char] += 1
+    # Prefer substrings that save many characters across the text (the idea behind
+    # sentencepiece's seed pieces); ties are broken by the string itself for determinism.
+    chosen = sorted(pieces, key=lambda p: (-pieces[p] * (len(p) - 1), p))[:_SUBWORD_PIECES]
+    counts = {**{p: pieces[p] for p in chosen}, **chars}
+    total = sum(counts.values())
+    scored = [(piece, round(math.log(count / total), 6)) for piece, count in counts.items()]
+    scored.sort(key=lambda item: (-item[1], item[0]))
+    return [(token, 0.0) for token in SPECIAL_TOKENS] + scored + [(MASK_TOKEN, 0.0)]
+
+
+def _build_tokenizer(texts: tuple[str, ...]) -> Tokenizer:
+    vocab = _unigram_vocab(texts)
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=SPECIAL_TOKENS.index("<unk>")))
+    # The same pipeline that transformers 5's XLMRobertaTokenizer rebuilds from a tokenizer.json
+    # without a precompiled sentencepiece charsmap, so transformers 4 (which reads the file
+    # verbatim) and 5 tokenize identically.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement=_METASPACE, prepend_scheme="always"),
+        ]
+    )
+    tokenizer.decoder = decoders.Metaspace(replacement=_METASPACE, prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", 0), ("</s>", 2)],
+    )
+    tokenizer.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS]
+    )
+    # <mask> strips the space on its left, as in XLM-R ("Paris is <mask>." works).
+    tokenizer.add_special_tokens(
+        [AddedToken(MASK_TOKEN, lstrip=True, special=True, normalized=False)]
+    )
+    return tokenizer
+
+
+def _tokenizer_config(mask_id: int) -> dict[str, object]:
+    def entry(content: str, lstrip: bool = False) -> dict[str, object]:
+        return {
+            "content": content,
+            "lstrip": lstrip,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+
+    decoder = {str(i): entry(token) for i, token in enumerate(SPECIAL_TOKENS)}
+    decoder[str(mask_id)] = entry(MASK_TOKEN, lstrip=True)
+    return {
+        "added_tokens_decoder": decoder,
+        "bos_token": "<s>",
+        "clean_up_tokenization_spaces": True,
+        "cls_token": "<s>",
+        "eos_token": "</s>",
+        "mask_token": MASK_TOKEN,
+        "model_max_length": 8192,
+        "pad_token": "<pad>",
+        "sep_token": "</s>",
+        "tokenizer_class": "XLMRobertaTokenizer",
+        "unk_token": "<unk>",
+    }
+
+
+def build_random_checkpoint(
+    path: str | Path,
+    *,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 64,
+    seed: int = 0,
+    colbert_fp16: bool = True,
+) -> Path:
+    """Write a random checkpoint with the ``BAAI/bge-m3`` file layout into ``path``.
+
+    The same arguments always give byte-identical weights and tokenizer files (with the same
+    torch version). ``path`` is created if needed; files already there are overwritten.
+    Returns ``path`` as a :class:`~pathlib.Path`.
+    """
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    if hidden_size % num_attention_heads:
+        raise ValueError(
+            f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads "
+            f"({num_attention_heads})"
+        )
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = _build_tokenizer(SAMPLE_TEXTS)
+    tokenizer.save(str(out / "tokenizer.json"))
+    mask_id = tokenizer.token_to_id(MASK_TOKEN)
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(_tokenizer_config(mask_id), indent=2, ensure_ascii=False) + "\n"
+    )
+    special_map = {
+        "bos_token": "<s>",
+        "cls_token": "<s>",
+        "eos_token": "</s>",
+        "mask_token": {"content": MASK_TOKEN, "lstrip": True, "normalized": False},
+        "pad_token": "<pad>",
+        "sep_token": "</s>",
+        "unk_token": "<unk>",
+    }
+    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+
+    config = XLMRobertaConfig(
+        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=8194,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        layer_norm_eps=1e-5,
+        hidden_act="gelu",
+        architectures=["XLMRobertaModel"],
+    )
+    # fork_rng: seeding must not disturb the caller's global random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = XLMRobertaModel(config)
+        colbert = torch.nn.Linear(hidden_size, hidden_size)
+        sparse = torch.nn.Linear(hidden_size, 1)
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+
+    colbert_state = {k: v.detach().clone() for k, v in colbert.state_dict().items()}
+    if colbert_fp16:
+        colbert_state = {k: v.half() for k, v in colbert_state.items()}
+    torch.save(colbert_state, out / "colbert_linear.pt")
+    torch.save({k: v.detach().clone() for k, v in sparse.state_dict().items()}, out / "sparse_linear.pt")
+    return out
