@@ -1,0 +1,151 @@
+"""Scoring and fusion against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from m3connect import fusion
+from m3connect.scoring import (
+    colbert_scores,
+    combine_scores,
+    compute_score,
+    dense_scores,
+    lexical_score,
+    lexical_scores,
+)
+from m3connect.types import M3Embedding, M3Output, sparse_from_string_keys, sparse_to_string_keys
+
+
+def test_dense_is_the_dot_product():
+    q = np.array([0.6, 0.8], dtype=np.float32)
+    docs = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=np.float32)
+    np.testing.assert_allclose(dense_scores(q, docs), [0.6, 0.8, 1.0], rtol=1e-7)
+
+
+def test_dense_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="shapes"):
+        dense_scores(np.ones(3), np.ones((2, 4)))
+
+
+def test_lexical_sums_products_of_shared_tokens():
+    q = {10: 0.5, 20: 0.25, 30: 1.0}
+    p = {10: 0.2, 30: 0.3, 40: 9.0}
+    # 0.5*0.2 + 1.0*0.3 = 0.4; token 20 and 40 are not shared
+    assert lexical_score(q, p) == pytest.approx(0.4, abs=1e-15)
+    np.testing.assert_allclose(lexical_scores(q, [p, {}, {20: 2.0}]), [0.4, 0.0, 0.5])
+
+
+def test_colbert_is_the_mean_over_query_rows_of_the_best_match():
+    q = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    d1 = np.array([[0.6, 0.8], [1.0, 0.0]], dtype=np.float32)  # best: 1.0 for q0, 0.8 for q1
+    d2 = np.array([[0.0, -1.0]], dtype=np.float32)  # best: 0.0 for q0, -1.0 for q1
+    d3 = np.zeros((0, 2), dtype=np.float32)
+    np.testing.assert_allclose(colbert_scores(q, [d1, d2, d3]), [0.9, -0.5, 0.0], rtol=1e-7)
+
+
+def test_colbert_blocks_give_the_same_answer(monkeypatch):
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(5, 8)).astype(np.float32)
+    docs = [rng.normal(size=(int(n), 8)).astype(np.float16) for n in rng.integers(1, 30, size=50)]
+    whole = colbert_scores(q, docs)
+    monkeypatch.setattr("m3connect.scoring._COLBERT_BLOCK_ELEMENTS", 5 * 7)  # tiny blocks
+    np.testing.assert_allclose(colbert_scores(q, docs), whole, rtol=1e-6)
+    by_hand = [np.mean(np.max(q @ d.astype(np.float32).T, axis=1)) for d in docs]
+    np.testing.assert_allclose(whole, by_hand, rtol=1e-5)
+
+
+def test_combined_score_divides_by_the_sum_of_weights():
+    assert float(combine_scores(0.5, 0.25, 0.75, (0.4, 0.2, 0.4))) == pytest.approx(
+        (0.4 * 0.5 + 0.2 * 0.25 + 0.4 * 0.75) / 1.0
+    )
+    assert float(combine_scores(0.5, 0.25, 0.75, (1, 0.3, 1))) == pytest.approx(
+        (0.5 + 0.3 * 0.25 + 0.75) / 2.3
+    )
+    assert float(combine_scores(0.5, None, None, (1, 0, 0))) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="no sparse"):
+        combine_scores(0.5, None, 0.1, (1, 1, 1))
+
+
+def test_compute_score_matches_the_parts():
+    q = M3Embedding(
+        dense=np.array([1.0, 0.0], dtype=np.float32),
+        sparse={1: 0.5},
+        colbert=np.array([[1.0, 0.0]], dtype=np.float32),
+    )
+    docs = M3Output(
+        dense=np.array([[0.6, 0.8]], dtype=np.float32),
+        sparse=[{1: 0.4, 2: 0.1}],
+        colbert=[np.array([[0.0, 1.0], [0.8, 0.6]], dtype=np.float32)],
+    )
+    scores = compute_score(q, docs)
+    assert scores["dense"][0] == pytest.approx(0.6)
+    assert scores["sparse"][0] == pytest.approx(0.2)
+    assert scores["colbert"][0] == pytest.approx(0.8)
+    assert scores["all"][0] == pytest.approx(0.4 * 0.6 + 0.2 * 0.2 + 0.4 * 0.8)
+
+
+def test_rrf_by_hand():
+    dense = [("a", 0.9), ("b", 0.8), ("c", 0.7)]
+    sparse = [("c", 3.0), ("a", 2.0)]
+    fused = dict(fusion.rrf([dense, sparse], k=60))
+    assert fused["a"] == pytest.approx(1 / 61 + 1 / 62)
+    assert fused["b"] == pytest.approx(1 / 62)
+    assert fused["c"] == pytest.approx(1 / 63 + 1 / 61)
+    assert [key for key, _ in fusion.rrf([dense, sparse], k=60)] == ["a", "c", "b"]
+    # plain id lists work too, and weights multiply each list's contribution
+    weighted = dict(fusion.rrf([["a", "b"], ["b"]], k=1, weights=[2.0, 1.0]))
+    assert weighted == pytest.approx({"a": 2 / 2, "b": 2 / 3 + 1 / 2})
+
+
+def test_rrf_ties_keep_first_seen_order():
+    assert [k for k, _ in fusion.rrf([["x"], ["y"]])] == ["x", "y"]
+
+
+def test_dbsf_by_hand():
+    scores = [0.9, 0.5, 0.1]
+    mean = 0.5
+    std = math.sqrt(((0.4) ** 2 + 0 + (0.4) ** 2) / 2)  # sample standard deviation
+    low = mean - 3 * std
+    expected = [(s - low) / (6 * std) for s in scores]
+    assert fusion.dbsf_normalize(scores) == pytest.approx(expected)
+    assert fusion.dbsf_normalize([3.0]) == [0.5]
+    assert fusion.dbsf_normalize([2.0, 2.0]) == [0.5, 0.5]
+    fused = dict(fusion.dbsf([[("a", 0.9), ("b", 0.5), ("c", 0.1)], [("b", 7.0)]]))
+    assert fused == pytest.approx({"a": expected[0], "b": expected[1] + 0.5, "c": expected[2]})
+
+
+def test_weighted_fusion_needs_every_score():
+    fused = fusion.weighted([{"a": 0.5, "b": 0.1}, {"a": 2.0, "b": 4.0}], [1.0, 0.3])
+    assert fused == pytest.approx([("b", (0.1 + 1.2) / 1.3), ("a", (0.5 + 0.6) / 1.3)])
+    with pytest.raises(ValueError, match="no score"):
+        fusion.weighted([{"a": 0.5}, {"b": 1.0}], [1.0, 1.0])
+    with pytest.raises(ValueError):
+        fusion.weighted([{"a": 0.5}], [0.0])
+
+
+def test_sparse_string_keys_roundtrip():
+    weights = {250001: 0.25, 6: 0.5}
+    assert sparse_to_string_keys(weights) == {"250001": 0.25, "6": 0.5}
+    assert sparse_from_string_keys(sparse_to_string_keys(weights)) == weights
+    with pytest.raises(ValueError, match="integers"):
+        sparse_from_string_keys({"hello": 1.0})
+
+
+def test_m3output_rows_and_slices():
+    out = M3Output(
+        dense=np.eye(3, dtype=np.float32),
+        sparse=[{1: 1.0}, {2: 1.0}, {}],
+        colbert=[np.ones((1, 3)), np.ones((2, 3)), np.ones((3, 3))],
+    )
+    assert len(out) == 3 and out.parts == ("dense", "sparse", "colbert")
+    assert out[1].sparse == {2: 1.0} and out[1].colbert.shape == (2, 3)
+    tail = out[1:]
+    assert len(tail) == 2 and tail.sparse == [{2: 1.0}, {}]
+    picked = out[[2, 0]]
+    np.testing.assert_array_equal(picked.dense, np.eye(3, dtype=np.float32)[[2, 0]])
+    assert len(M3Output.concat([out, tail])) == 5
+    with pytest.raises(ValueError, match="different lengths"):
+        M3Output(dense=np.eye(2), sparse=[{}])
