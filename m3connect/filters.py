@@ -25,9 +25,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
-Scalar = Union[str, int, float, bool]
+Scalar = str | int | float | bool
 
 
 class FilterError(ValueError):
@@ -81,7 +81,7 @@ class Not(_Combinable):
     filter: Filter
 
 
-Filter = Union[Eq, In, Range, And, Or, Not]
+Filter = Eq | In | Range | And | Or | Not
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class RawFilter:
     value: Any
 
 
-FilterLike = Union[Filter, RawFilter, Mapping[str, Any], None]
+FilterLike = Filter | RawFilter | Mapping[str, Any] | None
 
 
 class Field:

@@ -113,7 +113,9 @@ def score_all(
     """Each requested score of one query against every document, keyed by part name."""
     scorers = {
         "dense": lambda: dense_scores(_need(query.dense, "dense"), _need(docs.dense, "dense")),
-        "sparse": lambda: lexical_scores(_need(query.sparse, "sparse"), _need(docs.sparse, "sparse")),
+        "sparse": lambda: lexical_scores(
+            _need(query.sparse, "sparse"), _need(docs.sparse, "sparse")
+        ),
         "colbert": lambda: colbert_scores(
             _need(query.colbert, "colbert"), _need(docs.colbert, "colbert")
         ),

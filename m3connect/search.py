@@ -12,8 +12,9 @@ their hits the same per-representation scores.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from m3connect import fusion
 from m3connect.scoring import colbert_scores, combine_scores, dense_scores, lexical_scores
@@ -22,6 +23,7 @@ from m3connect.types import DocId, M3Embedding
 
 LegSearch = Callable[[str, int], Sequence[tuple[DocId, float]]]
 FetchEmbeddings = Callable[[Sequence[DocId], Sequence[str]], Mapping[DocId, M3Embedding]]
+ScoreMissing = Callable[[Sequence[DocId], Sequence[str]], Mapping[DocId, Mapping[str, float]]]
 
 #: ``scores[doc_id][part]``: exact scores known so far.
 ScoreTable = dict[DocId, dict[str, float]]
@@ -36,9 +38,7 @@ class ScoredId:
     scores: dict[str, float]
 
 
-def exact_scores(
-    query: M3Embedding, embeddings: Sequence[M3Embedding], part: str
-) -> list[float]:
+def exact_scores(query: M3Embedding, embeddings: Sequence[M3Embedding], part: str) -> list[float]:
     """The exact ``part`` score of the query against each embedding."""
     if part == "dense":
         import numpy as np
@@ -74,31 +74,89 @@ def complete_scores(
         if not need:
             continue
         values = exact_scores(query, [fetched[i] for i in need], part)
-        for doc_id, value in zip(need, values):
+        for doc_id, value in zip(need, values, strict=True):
             table.setdefault(doc_id, {})[part] = value
 
 
-def run_search(
-    query: M3Embedding,
-    params: SearchParams,
-    leg_search: LegSearch,
-    fetch: FetchEmbeddings,
-) -> list[ScoredId]:
-    """The contract's answer: legs, fusion, re-rank, top ``k``, with per-part exact scores."""
-    table: ScoreTable = {}
-    rankings: list[list[tuple[DocId, float]]] = []
-    for leg in params.legs:
-        ranking = [(doc_id, float(score)) for doc_id, score in leg_search(leg, params.leg_limit)]
-        rankings.append(ranking)
-        for doc_id, score in ranking:
-            table.setdefault(doc_id, {})[leg] = score
+@dataclass
+class LegStep:
+    """Ask the store for one leg: its top ``limit`` documents as ``(id, exact score)``."""
 
-    ranked = fuse(query, params, rankings, table, fetch)
+    leg: str
+    limit: int
+
+
+@dataclass
+class FusedStep:
+    """Ask the store for the fused ranking computed in its database (only when the store said
+    it fuses in the server): answer ``(ranking, known)``, the top ``limit`` ``(id, fused score)``
+    and any exact per-part scores it learned on the way (``{id: {part: score}}``)."""
+
+    limit: int
+
+
+@dataclass
+class ScoreStep:
+    """Ask the store for exact scores: answer ``{id: {part: score}}`` for every id and part."""
+
+    ids: list[DocId]
+    parts: list[str]
+
+
+Step = LegStep | FusedStep | ScoreStep
+SearchSteps = Generator[Step, Any, list[ScoredId]]
+
+
+def search_steps(
+    query: M3Embedding, params: SearchParams, *, fused_in_server: bool = False
+) -> SearchSteps:
+    """The contract's pipeline as a generator of the questions it asks the store.
+
+    Sans I/O: a sync store answers with plain calls (:func:`run_search`), an async store with
+    awaits (:func:`run_search_async`), and a store that can compute a score in its database
+    (a dot product in an Elasticsearch script) answers :class:`ScoreStep` there.
+    """
+    table: ScoreTable = {}
+
+    def complete(ids: Sequence[DocId], parts: Sequence[str]) -> Generator[Step, Any, None]:
+        missing_parts = [p for p in parts if any(p not in table.get(i, {}) for i in ids)]
+        if not missing_parts:
+            return
+        missing_ids = [i for i in ids if any(p not in table.get(i, {}) for p in missing_parts)]
+        answer = yield ScoreStep(missing_ids, missing_parts)
+        for doc_id in missing_ids:
+            got = answer.get(doc_id)
+            if got is None:
+                raise StoreError(f"document {doc_id!r} vanished from the store during the search")
+            row = table.setdefault(doc_id, {})
+            for part in missing_parts:
+                row.setdefault(part, float(got[part]))
+
+    if fused_in_server:
+        ranking, known = yield FusedStep(params.leg_limit if params.rerank else params.k)
+        for doc_id, parts in known.items():
+            table.setdefault(doc_id, {}).update(parts)
+        ranked = [(doc_id, float(score)) for doc_id, score in ranking]
+    else:
+        rankings: list[list[tuple[DocId, float]]] = []
+        for leg in params.legs:
+            answer = yield LegStep(leg, params.leg_limit)
+            ranking = [(doc_id, float(score)) for doc_id, score in answer]
+            rankings.append(ranking)
+            for doc_id, score in ranking:
+                table.setdefault(doc_id, {})[leg] = score
+        if len(rankings) > 1 and params.fusion == "weighted":
+            # The weighted mean needs every leg's exact score of every candidate.
+            candidates = list(dict.fromkeys(d for ranking in rankings for d, _ in ranking))
+            yield from complete(
+                candidates,
+                [leg for leg, w in zip(params.legs, params.leg_weights, strict=True) if w > 0],
+            )
+        ranked = fuse_rankings(params, rankings, table)
 
     if params.rerank is not None:
         pool = [doc_id for doc_id, _ in ranked[: params.candidates]]
-        parts = ("colbert",) if params.rerank == "colbert" else LEG_NAMES
-        complete_scores(query, table, pool, parts, fetch)
+        yield from complete(pool, ("colbert",) if params.rerank == "colbert" else LEG_NAMES)
         if params.rerank == "colbert":
             rescored = {doc_id: table[doc_id]["colbert"] for doc_id in pool}
         else:
@@ -116,12 +174,107 @@ def run_search(
         ranked = sorted(rescored.items(), key=lambda item: -item[1])
 
     top = ranked[: params.k]
-    top_ids = [doc_id for doc_id, _ in top]
-    complete_scores(query, table, top_ids, params.scored_parts, fetch)
+    yield from complete([doc_id for doc_id, _ in top], params.scored_parts)
     return [
         ScoredId(doc_id, score, {p: table[doc_id][p] for p in params.scored_parts})
         for doc_id, score in top
     ]
+
+
+def scores_from_embeddings(query: M3Embedding, fetch: FetchEmbeddings) -> ScoreMissing:
+    """Answer :class:`ScoreStep` s on the client: fetch the stored vectors, score with the core."""
+
+    def score(ids: Sequence[DocId], parts: Sequence[str]) -> dict[DocId, dict[str, float]]:
+        fetched = fetch(ids, parts)
+        present = [i for i in ids if i in fetched]
+        out: dict[DocId, dict[str, float]] = {i: {} for i in present}
+        for part in parts:
+            for doc_id, value in zip(
+                present, exact_scores(query, [fetched[i] for i in present], part)
+            ):
+                out[doc_id][part] = value
+        return out
+
+    return score
+
+
+def run_search(
+    query: M3Embedding,
+    params: SearchParams,
+    leg_search: LegSearch,
+    fetch: FetchEmbeddings | None = None,
+    *,
+    score_missing: ScoreMissing | None = None,
+    fused_search: Callable[[int], tuple[Sequence[tuple[DocId, float]], ScoreTable]] | None = None,
+) -> list[ScoredId]:
+    """The contract's answer: legs, fusion, re-rank, top ``k``, with per-part exact scores.
+
+    Missing scores come from ``score_missing`` or, by default, from the core on the vectors
+    that ``fetch`` returns. With ``fused_search`` the database's fused ranking replaces legs
+    and fusion.
+    """
+    if score_missing is None:
+        if fetch is None:
+            raise ValueError("run_search needs fetch or score_missing")
+        score_missing = scores_from_embeddings(query, fetch)
+    steps = search_steps(query, params, fused_in_server=fused_search is not None)
+    answer: Any = None
+    try:
+        while True:
+            step = steps.send(answer)
+            if isinstance(step, LegStep):
+                answer = leg_search(step.leg, step.limit)
+            elif isinstance(step, ScoreStep):
+                answer = score_missing(step.ids, step.parts)
+            else:
+                answer = fused_search(step.limit)  # type: ignore[misc]
+    except StopIteration as done:
+        return done.value
+
+
+async def run_search_async(
+    query: M3Embedding,
+    params: SearchParams,
+    leg_search: Callable[[str, int], Awaitable[Sequence[tuple[DocId, float]]]],
+    score_missing: Callable[
+        [Sequence[DocId], Sequence[str]], Awaitable[Mapping[DocId, Mapping[str, float]]]
+    ],
+    fused_search: Callable[[int], Awaitable[tuple[Sequence[tuple[DocId, float]], ScoreTable]]]
+    | None = None,
+) -> list[ScoredId]:
+    """:func:`run_search` for async stores."""
+    steps = search_steps(query, params, fused_in_server=fused_search is not None)
+    answer: Any = None
+    try:
+        while True:
+            step = steps.send(answer)
+            if isinstance(step, LegStep):
+                answer = await leg_search(step.leg, step.limit)
+            elif isinstance(step, ScoreStep):
+                answer = await score_missing(step.ids, step.parts)
+            else:
+                answer = await fused_search(step.limit)  # type: ignore[misc]
+    except StopIteration as done:
+        return done.value
+
+
+def fuse_rankings(
+    params: SearchParams, rankings: Sequence[Sequence[tuple[DocId, float]]], table: ScoreTable
+) -> list[tuple[DocId, float]]:
+    """Fuse the legs' rankings as ``params.fusion`` says (one leg: its ranking). Weighted
+    fusion reads every leg's exact score of every candidate from ``table``."""
+    if len(rankings) == 1:
+        return list(rankings[0])
+    if params.fusion == "rrf":
+        return fusion.rrf(rankings, k=params.rrf_k)
+    if params.fusion == "dbsf":
+        return fusion.dbsf(rankings)
+    legs = [(leg, w) for leg, w in zip(params.legs, params.leg_weights, strict=True) if w > 0]
+    candidates = list(dict.fromkeys(doc_id for ranking in rankings for doc_id, _ in ranking))
+    return fusion.weighted(
+        [{doc_id: table[doc_id][leg] for doc_id in candidates} for leg, _ in legs],
+        [w for _, w in legs],
+    )
 
 
 def fuse(
@@ -131,17 +284,10 @@ def fuse(
     table: ScoreTable,
     fetch: FetchEmbeddings,
 ) -> list[tuple[DocId, float]]:
-    """Fuse the legs' rankings as ``params.fusion`` says (one leg: its ranking)."""
-    if len(rankings) == 1:
-        return list(rankings[0])
-    if params.fusion == "rrf":
-        return fusion.rrf(rankings, k=params.rrf_k)
-    if params.fusion == "dbsf":
-        return fusion.dbsf(rankings)
-    candidates = list(dict.fromkeys(doc_id for ranking in rankings for doc_id, _ in ranking))
-    legs = [leg for leg, w in zip(params.legs, params.leg_weights) if w > 0]
-    complete_scores(query, table, candidates, legs, fetch)
-    return fusion.weighted(
-        [{doc_id: table[doc_id][leg] for doc_id in candidates} for leg in legs],
-        [w for w in params.leg_weights if w > 0],
-    )
+    """:func:`fuse_rankings`, first computing (with ``fetch``) the leg scores that weighted
+    fusion needs and ``table`` lacks."""
+    if len(rankings) > 1 and params.fusion == "weighted":
+        candidates = list(dict.fromkeys(doc_id for ranking in rankings for doc_id, _ in ranking))
+        legs = [leg for leg, w in zip(params.legs, params.leg_weights, strict=True) if w > 0]
+        complete_scores(query, table, candidates, legs, fetch)
+    return fuse_rankings(params, rankings, table)

@@ -261,7 +261,9 @@ class StoreBase:
         for doc_id, matrix in zip(ids, embeddings.colbert):  # type: ignore[arg-type]
             matrix = np.asarray(matrix)
             if matrix.ndim != 2 or matrix.shape[0] == 0:
-                raise StoreError(f"ColBERT vectors of id {doc_id!r} must be [n >= 1, d], got {matrix.shape}")
+                raise StoreError(
+                    f"ColBERT vectors of id {doc_id!r} must be [n >= 1, d], got {matrix.shape}"
+                )
             if self.max_colbert_vectors is not None:
                 matrix = matrix[: self.max_colbert_vectors]
             matrix = matrix.astype(self.colbert_dtype, copy=False)
@@ -274,7 +276,9 @@ class StoreBase:
         ]
         colbert_dims = {m.shape[1] for m in colbert}
         if len(colbert_dims) > 1:
-            raise StoreError(f"ColBERT vectors of one batch have different dimensions {colbert_dims}")
+            raise StoreError(
+                f"ColBERT vectors of one batch have different dimensions {colbert_dims}"
+            )
         if n:
             dense_dim = dense.shape[1]
             colbert_dim = colbert_dims.pop()
@@ -308,14 +312,17 @@ class StoreBase:
                     f"this store holds dimension {self.fingerprint.dense_dim}"
                 )
             if query.colbert is not None and (
-                np.ndim(query.colbert) != 2 or np.shape(query.colbert)[1] != self.fingerprint.colbert_dim
+                np.ndim(query.colbert) != 2
+                or np.shape(query.colbert)[1] != self.fingerprint.colbert_dim
             ):
                 raise StoreError(
                     f"query ColBERT vectors have shape {np.shape(query.colbert)}; "
                     f"this store holds dimension {self.fingerprint.colbert_dim}"
                 )
         if isinstance(params.filter, RawFilter) and not self.accepts_raw_filter(params.filter):
-            raise StoreError(f"{type(self).__name__} cannot use the raw filter {params.filter.value!r}")
+            raise StoreError(
+                f"{type(self).__name__} cannot use the raw filter {params.filter.value!r}"
+            )
         return query
 
     def accepts_raw_filter(self, raw: RawFilter) -> bool:
@@ -414,7 +421,9 @@ class AsyncM3Store(StoreBase, ABC):
     async def get(self, ids: Sequence[DocId], *, with_vectors: bool = False) -> list[Record]: ...
 
     @abstractmethod
-    async def delete(self, ids: Sequence[DocId] | None = None, *, filter: FilterLike = None) -> None: ...
+    async def delete(
+        self, ids: Sequence[DocId] | None = None, *, filter: FilterLike = None
+    ) -> None: ...
 
     @abstractmethod
     async def count(self, *, filter: FilterLike = None) -> int: ...
@@ -423,8 +432,10 @@ class AsyncM3Store(StoreBase, ABC):
         self, query: str | M3Embedding, params: SearchParams | None = None, **overrides: Any
     ) -> list[Hit]:
         params = self._resolve_params(params, overrides)
-        embedding = query if isinstance(query, M3Embedding) else await asyncio.to_thread(
-            self._encode_query, query
+        embedding = (
+            query
+            if isinstance(query, M3Embedding)
+            else await asyncio.to_thread(self._encode_query, query)
         )
         return await self._search(self.check_query(embedding, params), params)
 
@@ -470,7 +481,9 @@ class AsyncStoreAdapter(AsyncM3Store):
     async def get(self, ids: Sequence[DocId], *, with_vectors: bool = False) -> list[Record]:
         return await asyncio.to_thread(self.sync.get, ids, with_vectors=with_vectors)
 
-    async def delete(self, ids: Sequence[DocId] | None = None, *, filter: FilterLike = None) -> None:
+    async def delete(
+        self, ids: Sequence[DocId] | None = None, *, filter: FilterLike = None
+    ) -> None:
         await asyncio.to_thread(self.sync.delete, ids, filter=filter)
 
     async def count(self, *, filter: FilterLike = None) -> int:
@@ -516,10 +529,14 @@ def _check_sparse(doc_id: DocId, weights: Mapping[Any, Any]) -> dict[int, float]
         try:
             token_id = int(token)
         except (TypeError, ValueError):
-            raise StoreError(f"sparse token ids of id {doc_id!r} must be ints, got {token!r}") from None
+            raise StoreError(
+                f"sparse token ids of id {doc_id!r} must be ints, got {token!r}"
+            ) from None
         w = float(weight)
         if not math.isfinite(w) or w < 0:
-            raise StoreError(f"sparse weight {weight!r} of token {token!r} (id {doc_id!r}) must be >= 0 and finite")
+            raise StoreError(
+                f"sparse weight {weight!r} of token {token!r} (id {doc_id!r}) must be >= 0 and finite"
+            )
         if w > 0:  # a zero weight changes no score; databases reject it
             out[token_id] = w
     return out

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union, overload
+from typing import overload
 
 import numpy as np
 
 #: A user's document id: kept exactly as given (a string or an int) by every store.
-DocId = Union[str, int]
+DocId = str | int
 
 #: Lexical weights: token id -> weight (all weights > 0).
 SparseWeights = dict[int, float]
@@ -46,7 +46,11 @@ class M3Output:
     def __post_init__(self) -> None:
         lengths = {
             name: len(part)
-            for name, part in (("dense", self.dense), ("sparse", self.sparse), ("colbert", self.colbert))
+            for name, part in (
+                ("dense", self.dense),
+                ("sparse", self.sparse),
+                ("colbert", self.colbert),
+            )
             if part is not None
         }
         if len(set(lengths.values())) > 1:

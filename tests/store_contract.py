@@ -62,14 +62,18 @@ def synthetic_embeddings(n: int, seed: int, *, empty_sparse: Sequence[int] = ())
     )
 
 
-def synthetic_corpus(n: int = 48, seed: int = 7) -> tuple[list[DocId], M3Output, list[str], list[dict]]:
+def synthetic_corpus(
+    n: int = 48, seed: int = 7
+) -> tuple[list[DocId], M3Output, list[str], list[dict]]:
     """Ids (strings and ints, including ``"1"`` and ``1``), embeddings (one with an empty
     sparse part), texts in several scripts, and metadata with every filterable type."""
     rng = np.random.default_rng(seed)
     ids: list[DocId] = [f"doc-{i}" if i % 3 else i for i in range(n)]
     ids[1], ids[3] = "1", 1
     langs = ["en", "ko", "de", "it's", 'say "hi"', "back\\slash"]
-    texts = [f"문서 {i} — document {i} 🙂" if i % 4 == 0 else f"passage number {i}" for i in range(n)]
+    texts = [
+        f"문서 {i} — document {i} 🙂" if i % 4 == 0 else f"passage number {i}" for i in range(n)
+    ]
     metadatas: list[dict] = []
     for i in range(n):
         meta: dict[str, Any] = {
@@ -177,7 +181,12 @@ def assert_same_hits(
         assert math.isclose(hit.score, ref.score, abs_tol=tol), (hit.id, hit.score, ref.score)
         assert set(hit.scores) == set(ref.scores), (hit.id, hit.scores, ref.scores)
         for part, value in ref.scores.items():
-            assert math.isclose(hit.scores[part], value, abs_tol=tol), (hit.id, part, hit.scores, ref.scores)
+            assert math.isclose(hit.scores[part], value, abs_tol=tol), (
+                hit.id,
+                part,
+                hit.scores,
+                ref.scores,
+            )
         assert hit.text == ref.text
         assert hit.metadata == ref.metadata
 
@@ -278,7 +287,9 @@ class StoreContract:
         before = store.count()
         replacement = synthetic_embeddings(2, seed=99)
         for target in (store, reference):
-            target.add(["doc-2", 1], replacement, ["new text", "new int text"], [{"lang": "xx"}, None])
+            target.add(
+                ["doc-2", 1], replacement, ["new text", "new int text"], [{"lang": "xx"}, None]
+            )
         assert store.count() == before
         got = {r.id: r for r in store.get(["doc-2", 1], with_vectors=True)}
         assert got["doc-2"].text == "new text" and got["doc-2"].metadata == {"lang": "xx"}
@@ -308,7 +319,9 @@ class StoreContract:
         _, embeddings, _, _ = synthetic_corpus()
         for query in synthetic_queries(embeddings)[:2]:
             for mode in ("dense", "sparse", "colbert", "hybrid"):
-                hits = self.check_search(store, reference, query, SearchParams(mode=mode, k=60, candidates=60))
+                hits = self.check_search(
+                    store, reference, query, SearchParams(mode=mode, k=60, candidates=60)
+                )
                 assert all(h.metadata.get("lang") != "ko" for h in hits)
                 assert {"doc-2", 1}.isdisjoint(h.id for h in hits)
 
@@ -366,15 +379,21 @@ class StoreContract:
             assert len(colbert) <= 3
             # Stored values are the float16 roundings of the originals.
             original = embeddings.colbert[ids.index(record.id)][: len(colbert)]  # type: ignore[index]
-            np.testing.assert_allclose(colbert, original.astype(np.float16).astype(np.float32), atol=1e-6)
+            np.testing.assert_allclose(
+                colbert, original.astype(np.float16).astype(np.float32), atol=1e-6
+            )
         for query in synthetic_queries(embeddings)[:3]:
             self.check_search(store, reference, query, SearchParams(mode="colbert", k=5))
-            self.check_search(store, reference, query, SearchParams(mode="hybrid", rerank="all", k=5))
+            self.check_search(
+                store, reference, query, SearchParams(mode="hybrid", rerank="all", k=5)
+            )
 
     def test_query_of_wrong_dimension_is_refused(self, filled) -> None:
         store, _ = filled
         bad = M3Embedding(
-            dense=np.ones(DENSE_DIM + 2, dtype=np.float32), sparse={1: 0.1}, colbert=np.ones((2, COLBERT_DIM))
+            dense=np.ones(DENSE_DIM + 2, dtype=np.float32),
+            sparse={1: 0.1},
+            colbert=np.ones((2, COLBERT_DIM)),
         )
         with pytest.raises(StoreError):
             store.search(bad, mode="dense")

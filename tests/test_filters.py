@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import pytest
 
-from m3connect.filters import And, Eq, Field, FilterError, In, Not, Or, Range, RawFilter, matches, parse_filter
+from m3connect.filters import (
+    And,
+    Eq,
+    Field,
+    FilterError,
+    In,
+    Not,
+    Or,
+    Range,
+    RawFilter,
+    matches,
+    parse_filter,
+)
 
 DOC = {"lang": "ko", "year": 2019, "rating": 4.5, "draft": False, "tags": ["a", "b"], "n": 1}
 
 
 def test_dict_and_field_forms_build_the_same_tree():
-    from_dict = parse_filter({"lang": "ko", "year": {"$gte": 2010, "$lt": 2020}, "tags": {"$in": ["a"]}})
-    from_fields = And(
-        (Eq("lang", "ko"), Range("year", gte=2010, lt=2020), In("tags", ("a",)))
+    from_dict = parse_filter(
+        {"lang": "ko", "year": {"$gte": 2010, "$lt": 2020}, "tags": {"$in": ["a"]}}
     )
+    from_fields = And((Eq("lang", "ko"), Range("year", gte=2010, lt=2020), In("tags", ("a",))))
     assert from_dict == from_fields
     assert (Field("lang") == "ko") & (Field("year") >= 2010) == And(
         (Eq("lang", "ko"), Range("year", gte=2010))

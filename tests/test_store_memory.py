@@ -77,7 +77,9 @@ def test_hybrid_rrf_is_core_rrf_over_the_legs(store, corpus):
     # Each hit carries both legs' exact scores, also where one leg missed it.
     for hit in hits:
         i = ids.index(hit.id)
-        assert hit.scores == pytest.approx({"dense": scores["dense"][i], "sparse": scores["sparse"][i]})
+        assert hit.scores == pytest.approx(
+            {"dense": scores["dense"][i], "sparse": scores["sparse"][i]}
+        )
 
 
 def test_weighted_fusion_uses_exact_scores_for_missed_candidates(store, corpus):
@@ -90,10 +92,15 @@ def test_weighted_fusion_uses_exact_scores_for_missed_candidates(store, corpus):
     # At least one candidate is missed by one leg, so "taken as 0" would differ.
     assert len(pool) > 5
     expected = sorted(
-        ((d, (1.0 * scores["dense"][ids.index(d)] + 0.3 * scores["sparse"][ids.index(d)]) / 1.3) for d in pool),
+        (
+            (d, (1.0 * scores["dense"][ids.index(d)] + 0.3 * scores["sparse"][ids.index(d)]) / 1.3)
+            for d in pool
+        ),
         key=lambda item: -item[1],
     )[:4]
-    hits = store.search(query, mode="hybrid", fusion="weighted", weights=(1.0, 0.3, 1.0), k=4, candidates=5)
+    hits = store.search(
+        query, mode="hybrid", fusion="weighted", weights=(1.0, 0.3, 1.0), k=4, candidates=5
+    )
     assert [h.id for h in hits] == [d for d, _ in expected]
     np.testing.assert_allclose([h.score for h in hits], [s for _, s in expected], rtol=1e-9)
 
@@ -102,7 +109,10 @@ def test_dbsf_is_core_dbsf_over_the_legs(store, corpus):
     ids, embeddings, _, _ = corpus
     query = synthetic_queries(embeddings)[0]
     scores = hand_scores(query, embeddings)
-    legs = [by_hand_ranking(ids, scores["dense"], 12), by_hand_ranking(ids, scores["sparse"], 12, True)]
+    legs = [
+        by_hand_ranking(ids, scores["dense"], 12),
+        by_hand_ranking(ids, scores["sparse"], 12, True),
+    ]
     expected = fusion.dbsf(legs)[:5]
     hits = store.search(query, mode="hybrid", fusion="dbsf", k=5, candidates=12)
     assert [(h.id, h.score) for h in hits] == pytest.approx(expected)
@@ -113,7 +123,10 @@ def test_rerank_rescores_the_top_fused_candidates(store, corpus, rerank):
     ids, embeddings, _, _ = corpus
     query = synthetic_queries(embeddings)[3]
     scores = hand_scores(query, embeddings)
-    legs = [by_hand_ranking(ids, scores["dense"], 8), by_hand_ranking(ids, scores["sparse"], 8, True)]
+    legs = [
+        by_hand_ranking(ids, scores["dense"], 8),
+        by_hand_ranking(ids, scores["sparse"], 8, True),
+    ]
     pool = [d for d, _ in fusion.rrf(legs, k=60)[:8]]
     weights = (0.4, 0.2, 0.4)
 
@@ -121,7 +134,9 @@ def test_rerank_rescores_the_top_fused_candidates(store, corpus, rerank):
         i = ids.index(d)
         if rerank == "colbert":
             return scores["colbert"][i]
-        return float(combine_scores(scores["dense"][i], scores["sparse"][i], scores["colbert"][i], weights))
+        return float(
+            combine_scores(scores["dense"][i], scores["sparse"][i], scores["colbert"][i], weights)
+        )
 
     expected = sorted(((d, final(d)) for d in pool), key=lambda item: -item[1])[:5]
     hits = store.search(query, mode="hybrid", rerank=rerank, k=5, candidates=8)
@@ -195,6 +210,8 @@ async def test_async_form_gives_the_same_answers(store, corpus):
     async_store = AsyncStoreAdapter(store)
     assert await async_store.count() == store.count()
     got = await async_store.search(query, mode="hybrid", rerank="colbert", k=5)
-    assert [(h.id, h.score) for h in got] == [(h.id, h.score) for h in store.search(query, mode="hybrid", rerank="colbert", k=5)]
+    assert [(h.id, h.score) for h in got] == [
+        (h.id, h.score) for h in store.search(query, mode="hybrid", rerank="colbert", k=5)
+    ]
     await async_store.delete(["doc-2"])
     assert await async_store.get(["doc-2"]) == []

@@ -113,7 +113,13 @@ class InMemoryStore(M3Store):
             }
 
         return [
-            Hit(s.id, s.score, s.scores, self._docs[s.id].text, copy.deepcopy(self._docs[s.id].metadata))
+            Hit(
+                s.id,
+                s.score,
+                s.scores,
+                self._docs[s.id].text,
+                copy.deepcopy(self._docs[s.id].metadata),
+            )
             for s in run_search(query, params, leg_search, fetch)
         ]
 
@@ -139,6 +145,7 @@ class InMemoryStore(M3Store):
     def _filter(spec: FilterLike) -> Filter | None:
         node = parse_filter(spec)
         if isinstance(node, RawFilter):
-            raise StoreError("the in-memory store has no database filter language: use the core filters")
+            raise StoreError(
+                "the in-memory store has no database filter language: use the core filters"
+            )
         return node
-
