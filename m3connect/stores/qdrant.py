@@ -1,0 +1,1692 @@
+"""BGE-M3 in Qdrant's native fields: a named dense vector, a named sparse vector and a named
+ColBERT multivector, searched, fused and re-ranked by the Qdrant engine.
+
+Three stores share one translation (schema checks, points, filters, query plans):
+
+- :class:`QdrantStore` over a :class:`qdrant_client.QdrantClient`: a server URL, Qdrant Cloud,
+  or local mode (``QdrantClient(":memory:")`` / ``QdrantClient(path=...)``);
+- :class:`AsyncQdrantStore` over an :class:`qdrant_client.AsyncQdrantClient` (native async);
+- :class:`QdrantEdgeStore` over a ``qdrant_edge.EdgeShard``: the real Qdrant engine in-process.
+
+::
+
+    from qdrant_client import QdrantClient
+    from m3connect.stores.qdrant import QdrantStore
+
+    store = QdrantStore(QdrantClient("http://localhost:6333"), "docs", encoder)
+    store.add_texts(["first passage", "second passage"], metadatas=[{"lang": "en"}, {"lang": "en"}])
+    hits = store.search("a question", mode="hybrid", rerank="colbert", k=5)
+
+How the contract maps onto Qdrant (every ranking is **one** ``query_points`` call):
+
+- legs are ``Prefetch`` es (``NearestQuery`` on the dense / sparse / ColBERT vector);
+- RRF is ``RrfQuery``: Qdrant scores ``1 / (k + rank - 1)`` with ranks from 1, so the store asks
+  for ``k = rrf_k + 1``; a fractional ``rrf_k`` uses Qdrant's weighted RRF
+  (``w / (rank + w (k - 1))`` with ``k = 2``, ``w = rrf_k``), which is ``rrf_k`` times the
+  contract's score, and divides it back;
+- DBSF is ``FusionQuery(DBSF)`` (the same definition as the core's);
+- weighted fusion and ``rerank="all"`` are ``FormulaQuery`` s over prefetches that re-score the
+  union of the candidates with each representation, so every candidate gets each exact score
+  (a missed sparse candidate shares no token: its lexical score is the formula's default 0);
+- a ColBERT re-rank is the outer ``NearestQuery`` on the multivector over the fused prefetch;
+- Qdrant's ``MAX_SIM`` is a *sum* over query vectors; the contract's ColBERT score is the
+  *mean*, so the store divides by the number of query vectors (inside formulas too).
+
+``Hit.scores`` holds each representation's exact score: the final score where it is one; the
+others come from one batch call (``query_batch_points``, ``EdgeShard.query_batch``) that has
+the engine score just the ``k`` hits by id, one request per representation (tiny answers: a ColBERT matrix is 100 x 1024 floats per
+hit). So a search is one call, or two when the hits need scores that are not the final one.
+Local mode scores every point for any request, so there the hits' vectors come back with them
+instead (``with_vectors``) and the core's scoring computes those scores.
+
+With ``colbert_dtype="float16"`` a real engine (server, Cloud, qdrant-edge; not local mode)
+stores half floats and rounds the *query* to float16 too, so its MaxSim is ~1e-5 off the
+reference. With ``exact_float16=True`` (the default) the store re-scores such hits exactly from
+their ColBERT vectors (``k + 3`` matrices come back) and re-sorts them where the ColBERT score
+makes the final score (ColBERT search or re-rank, ``rerank="all"``, weighted fusion); a ColBERT
+*leg* inside RRF / DBSF keeps the engine's ranking (documents within ~1e-5 may swap there).
+``exact_float16=False`` keeps the engine's scores everywhere, at the engine's speed.
+
+Payload layout: ``{"doc_id": str, "doc_id_type": "str" | "int", "text": ..., "metadata": {...}}``.
+Point ids are ``uuid5`` of the typed user id, so ``"1"`` and ``1`` are two documents. Filters on
+metadata key ``k`` become conditions on the payload path ``metadata.k`` (write ``RawFilter``
+conditions against that layout). qdrant-edge-py 0.9 cannot match booleans (its ``MatchValue(True)``
+becomes ``MatchValue(1)``), so :class:`QdrantEdgeStore` also writes ``metadata_bools``: the
+boolean values of each key as ``"true"`` / ``"false"`` strings, which its filters match instead.
+
+The model fingerprint lives in the collection's ``metadata`` (servers that keep collection
+metadata, and local mode); where that is not available (older servers, qdrant-edge) in a
+reserved point without vectors, which searches never see and counts and deletes leave out.
+
+Search is exact where Qdrant is: sparse and ColBERT (HNSW off by default) always; dense only with
+``exact=True`` (brute force), otherwise through HNSW, approximate on large collections.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from m3connect.filters import (
+    And,
+    Eq,
+    Filter,
+    FilterLike,
+    In,
+    Not,
+    Or,
+    Range,
+    RawFilter,
+    parse_filter,
+)
+from m3connect.fingerprint import ModelFingerprint
+from m3connect.scoring import colbert_scores, combine_scores, dense_scores, lexical_scores
+from m3connect.store import (
+    LEG_NAMES,
+    AsyncM3Store,
+    Hit,
+    M3Store,
+    PreparedBatch,
+    Record,
+    SearchParams,
+    StoreBase,
+    StoreError,
+)
+from m3connect.types import DocId, M3Embedding, M3Output
+
+if TYPE_CHECKING:
+    from qdrant_client import AsyncQdrantClient, QdrantClient
+
+    from m3connect.encoder import M3Encoder
+
+__all__ = ["AsyncQdrantStore", "QdrantEdgeStore", "QdrantStore", "point_id"]
+
+#: Namespace of the point ids (``uuid5(NAMESPACE, "str:<id>" | "int:<id>")``).
+NAMESPACE = uuid.UUID("3c0b8f0e-6d7a-5b7e-9a43-6d33636f6e6e")
+#: The point that keeps the fingerprint where collection metadata is not available.
+RESERVED_POINT_ID = str(uuid.uuid5(NAMESPACE, "m3connect:collection-info"))
+METADATA_KEY = "m3connect"
+_FORMAT = 1
+_MAX_EXACT_FLOAT_INT = 2**53
+_MAX_TOKEN_ID = 2**32 - 1
+#: Extra hits asked for where the client re-sorts the engine's half-precision ColBERT ranking.
+_HALF_MARGIN = 3
+
+
+def point_id(doc_id: DocId) -> str:
+    """The Qdrant point id of a user id: a UUID derived from the id *and its type*."""
+    kind = "int" if isinstance(doc_id, int) else "str"
+    return str(uuid.uuid5(NAMESPACE, f"{kind}:{doc_id}"))
+
+
+def _valid_id(doc_id: Any) -> bool:
+    return (isinstance(doc_id, str) and doc_id != "") or (
+        isinstance(doc_id, int) and not isinstance(doc_id, bool)
+    )
+
+
+# --- the query plan: what to ask Qdrant, independent of the client that sends it ------------
+
+
+@dataclass
+class _Nearest:
+    part: str  # "dense" | "sparse" | "colbert": nearest to the query's vector of that part
+
+
+@dataclass
+class _Fuse:
+    method: Literal["rrf", "dbsf"]
+    k: int | None = None
+    weights: list[float] | None = None
+
+
+@dataclass
+class _Formula:
+    #: ``sum(coefficient * $score[index])`` over the stage's sources.
+    terms: list[tuple[int, float]]
+
+
+@dataclass
+class _Stage:
+    """One level of a ``query_points`` request: a query over its sources (prefetches)."""
+
+    query: _Nearest | _Fuse | _Formula
+    sources: list[_Stage] = field(default_factory=list)
+    limit: int = 10
+
+
+@dataclass
+class _Plan:
+    top: _Stage
+    #: The representation whose score the final score is (after ``scale``), if any.
+    final_part: str | None
+    #: Factor from Qdrant's final score to the contract's.
+    scale: float
+    #: Representations whose vectors come back with the hits (to compute their exact scores).
+    fetch_parts: tuple[str, ...]
+    #: Recompute the final score on the client from the exact scores and re-sort, keeping
+    #: ``k``: ``("part", name)``, ``("weighted", legs, weights)`` or ``("all", weights)``.
+    recompute: tuple[Any, ...] | None = None
+    k: int = 10
+    #: Representations the engine scores for the hits in a second, small request (by id):
+    #: cheaper than transferring their vectors (ColBERT matrices are large).
+    by_id: tuple[str, ...] = ()
+
+
+@dataclass
+class _QueryVectors:
+    """The query's vectors in request form, converted on first use (a ColBERT query is
+    32 x 1024 floats: only the parts a request uses are converted)."""
+
+    query: M3Embedding
+    sparse: tuple[list[int], list[float]] | None  # None: no token with a non-zero weight
+    n_colbert: int
+    _lists: dict[str, Any] = field(default_factory=dict)
+
+    def as_list(self, part: str) -> Any:
+        if part not in self._lists:
+            value = getattr(self.query, part)
+            if value is None:
+                raise StoreError(f"the query has no {part} representation, which this search needs")
+            self._lists[part] = np.asarray(value, dtype=np.float32).tolist()
+        return self._lists[part]
+
+
+# --- the collection's schema, as both APIs describe it -----------------------------------------
+
+
+@dataclass
+class _VectorSpec:
+    size: int
+    distance: str  # lower case: "dot", "cosine", ...
+    comparator: str | None = None  # "max_sim" for a multivector
+    datatype: str | None = None
+
+
+@dataclass
+class _Schema:
+    vectors: dict[str, _VectorSpec]
+    sparse: dict[str, str | None]  # name -> modifier ("idf" or None)
+    unnamed: bool = False
+
+
+def _lower(value: Any) -> str | None:
+    if value is None:
+        return None
+    return str(getattr(value, "value", value)).lower()
+
+
+class _QdrantBase(StoreBase):
+    """What the Qdrant stores share: schema, points, filters, plans, hits (no I/O)."""
+
+    #: Either spelling of Qdrant's API; set by the concrete store.
+    _dialect: _Dialect
+
+    def __init__(
+        self,
+        collection: str,
+        encoder: M3Encoder | None = None,
+        *,
+        fingerprint: ModelFingerprint | None = None,
+        colbert_dtype: Literal["float32", "float16"] = "float32",
+        max_colbert_vectors: int | None = None,
+        dense_name: str = "dense",
+        sparse_name: str = "sparse",
+        colbert_name: str = "colbert",
+        sparse_idf: bool = False,
+        colbert_hnsw: bool = False,
+        exact: bool = False,
+        hnsw_ef: int | None = None,
+        exact_float16: bool = True,
+        batch_size: int = 64,
+        batch_max_floats: int = 1_000_000,
+    ) -> None:
+        super().__init__(
+            encoder,
+            fingerprint=fingerprint,
+            colbert_dtype=colbert_dtype,
+            max_colbert_vectors=max_colbert_vectors,
+        )
+        names = {"dense": dense_name, "sparse": sparse_name, "colbert": colbert_name}
+        if (
+            any(not isinstance(n, str) or not n for n in names.values())
+            or len(set(names.values())) != 3
+        ):
+            raise StoreError(f"vector names must be three different non-empty strings, got {names}")
+        if batch_size < 1 or batch_max_floats < 1:
+            raise StoreError("batch_size and batch_max_floats must be positive")
+        self.collection = collection
+        self.names = names
+        self.sparse_idf = bool(sparse_idf)
+        self.colbert_hnsw = bool(colbert_hnsw)
+        self.exact = bool(exact)
+        self.hnsw_ef = hnsw_ef
+        self.exact_float16 = bool(exact_float16)
+        self.batch_size = batch_size
+        self.batch_max_floats = batch_max_floats
+        #: The collection exists and fits.
+        self._ready = False
+        #: The fingerprint is kept in the reserved point (counts and deletes leave it out).
+        self._reserved = False
+        #: The fingerprint was given or stored (not guessed from the schema's dimensions).
+        self._fingerprint_known = fingerprint is not None or encoder is not None
+        #: The engine scores the ColBERT vectors in half precision (float16 storage): it
+        #: rounds the query to float16, so its MaxSim differs from the reference by ~1e-5.
+        self._half_colbert = False
+
+    # --- schema ---------------------------------------------------------------------------
+
+    def _where(self) -> str:
+        return f"Qdrant collection {self.collection!r}"
+
+    def _check_schema(self, schema: _Schema) -> None:
+        """Raise :class:`StoreError` naming everything in the collection that does not fit."""
+        problems: list[str] = []
+        if schema.unnamed:
+            problems.append("it has an unnamed vector; m3connect needs named vectors")
+        dense_name, sparse_name, colbert_name = (self.names[p] for p in LEG_NAMES)
+        have = sorted(schema.vectors)
+        dense = schema.vectors.get(dense_name)
+        colbert = schema.vectors.get(colbert_name)
+        if dense is None:
+            problems.append(f"it has no dense vector {dense_name!r} (dense vectors: {have})")
+        else:
+            if dense.comparator is not None:
+                problems.append(f"vector {dense_name!r} is a multivector, not a dense vector")
+            if dense.distance != "dot":
+                problems.append(
+                    f"dense vector {dense_name!r} uses distance {dense.distance}, not Dot"
+                )
+        if colbert is None:
+            problems.append(
+                f"it has no ColBERT multivector {colbert_name!r} (dense vectors: {have})"
+            )
+        else:
+            if colbert.comparator != "max_sim":
+                problems.append(
+                    f"vector {colbert_name!r} has comparator {colbert.comparator}, not a "
+                    "multivector with MAX_SIM"
+                )
+            if colbert.distance != "dot":
+                problems.append(
+                    f"ColBERT vector {colbert_name!r} uses distance {colbert.distance}, not Dot"
+                )
+        if sparse_name not in schema.sparse:
+            problems.append(
+                f"it has no sparse vector {sparse_name!r} (sparse vectors: {sorted(schema.sparse)})"
+            )
+        else:
+            modifier = schema.sparse[sparse_name]
+            if self.sparse_idf and modifier != "idf":
+                problems.append(
+                    f"sparse vector {sparse_name!r} has no IDF modifier, but sparse_idf=True"
+                )
+            if not self.sparse_idf and modifier == "idf":
+                problems.append(
+                    f"sparse vector {sparse_name!r} has the IDF modifier (scores would not be "
+                    "the lexical scores); open it with sparse_idf=True"
+                )
+        fp = self.fingerprint
+        if fp is not None and dense is not None and dense.size != fp.dense_dim:
+            problems.append(
+                f"dense vector {dense_name!r} has dimension {dense.size}, the model {fp.dense_dim}"
+            )
+        if fp is not None and colbert is not None and colbert.size != fp.colbert_dim:
+            problems.append(
+                f"ColBERT vector {colbert_name!r} has dimension {colbert.size}, the model {fp.colbert_dim}"
+            )
+        if problems:
+            raise StoreError(f"{self._where()} does not fit this store: " + "; ".join(problems))
+        if fp is None and dense is not None and colbert is not None:
+            # Nothing says which model wrote it: at least refuse vectors of other dimensions.
+            self.fingerprint = ModelFingerprint("unknown", dense.size, colbert.size)
+        self._half_colbert = (
+            self.exact_float16
+            and colbert is not None
+            and colbert.datatype == "float16"
+            and self._engine_uses_datatype()
+        )
+
+    def _engine_uses_datatype(self) -> bool:
+        return True
+
+    def _adopt_fingerprint(self, stored: ModelFingerprint | None) -> bool:
+        """Check the stored fingerprint against this store's; returns whether to store ours."""
+        if stored is None:
+            return self.fingerprint is not None and self._fingerprint_known
+        if self.fingerprint is not None and self._fingerprint_known:
+            self.fingerprint.check_compatible(stored, self._where())
+        else:
+            self.fingerprint = stored
+            self._fingerprint_known = True
+        return False
+
+    def _info_payload(self) -> dict[str, Any]:
+        assert self.fingerprint is not None
+        return {
+            "format": _FORMAT,
+            "fingerprint": self.fingerprint.to_dict(),
+            "vectors": dict(self.names),
+        }
+
+    @staticmethod
+    def _fingerprint_from(info: Any) -> ModelFingerprint | None:
+        if not isinstance(info, Mapping) or not isinstance(info.get("fingerprint"), Mapping):
+            return None
+        try:
+            return ModelFingerprint.from_dict(info["fingerprint"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"unreadable m3connect fingerprint in the collection: {exc}") from None
+
+    # --- writing --------------------------------------------------------------------------
+
+    def _payload(self, doc_id: DocId, text: str | None, metadata: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "doc_id": str(doc_id),
+            "doc_id_type": "int" if isinstance(doc_id, int) else "str",
+            "text": text,
+            "metadata": metadata,
+            **self._dialect.extra_payload(metadata),
+        }
+
+    def _prepare(self, ids, embeddings, texts, metadatas) -> PreparedBatch:  # type: ignore[no-untyped-def]
+        """Validate everything the database could refuse, before anything is written."""
+        batch = self.prepare_batch(ids, embeddings, texts, metadatas)
+        for doc_id, meta, weights in zip(
+            batch.ids, batch.metadatas, batch.embeddings.sparse or [], strict=False
+        ):
+            try:
+                json.dumps(meta, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise StoreError(
+                    f"metadata of id {doc_id!r} cannot be stored as JSON: {exc}"
+                ) from None
+            bad = [t for t in weights if not 0 <= t <= _MAX_TOKEN_ID]
+            if bad:
+                raise StoreError(
+                    f"sparse token ids of id {doc_id!r} must be in [0, 2^32), got {bad[:3]}"
+                )
+        return batch
+
+    def _chunks(self, batch: PreparedBatch) -> Iterator[list[int]]:
+        """Row indices of each write request: at most ``batch_size`` points and about
+        ``batch_max_floats`` vector components (a larger point travels alone)."""
+        dense_dim = batch.embeddings.dense.shape[1] if len(batch.ids) else 0  # type: ignore[union-attr]
+        chunk: list[int] = []
+        floats = 0
+        for i, matrix in enumerate(batch.embeddings.colbert or []):
+            size = dense_dim + matrix.size + 2 * len(batch.embeddings.sparse[i])  # type: ignore[index]
+            if chunk and (len(chunk) >= self.batch_size or floats + size > self.batch_max_floats):
+                yield chunk
+                chunk, floats = [], 0
+            chunk.append(i)
+            floats += size
+        if chunk:
+            yield chunk
+
+    def _points(self, batch: PreparedBatch, rows: Sequence[int]) -> list[Any]:
+        d = self._dialect
+        emb = batch.embeddings
+        points = []
+        for i in rows:
+            weights = emb.sparse[i]  # type: ignore[index]
+            vectors: dict[str, Any] = {
+                self.names["dense"]: emb.dense[i].tolist(),  # type: ignore[index]
+                self.names["colbert"]: emb.colbert[i].astype(np.float32).tolist(),  # type: ignore[index]
+            }
+            if weights:  # an empty sparse part is no sparse vector (Qdrant refuses empty ones)
+                vectors[self.names["sparse"]] = d.sparse_vector(
+                    list(weights), list(weights.values())
+                )
+            doc_id = batch.ids[i]
+            points.append(
+                d.point(
+                    point_id(doc_id),
+                    vectors,
+                    self._payload(doc_id, batch.texts[i], batch.metadatas[i]),
+                )
+            )
+        return points
+
+    # --- reading --------------------------------------------------------------------------
+
+    def _vector_names(self, parts: Sequence[str]) -> list[str]:
+        return [self.names[p] for p in parts]
+
+    def _embedding(self, vectors: Mapping[str, Any] | None) -> M3Embedding:
+        vectors = vectors or {}
+        colbert = np.asarray(vectors[self.names["colbert"]], dtype=np.float32)
+        return M3Embedding(
+            dense=np.asarray(vectors[self.names["dense"]], dtype=np.float32),
+            sparse=_sparse_dict(vectors.get(self.names["sparse"])),
+            colbert=colbert.astype(self.colbert_dtype, copy=False),
+        )
+
+    @staticmethod
+    def _doc_id(payload: Mapping[str, Any]) -> DocId:
+        raw = payload["doc_id"]
+        return int(raw) if payload.get("doc_id_type") == "int" else str(raw)
+
+    def _record(self, payload: Mapping[str, Any], vectors: Any, with_vectors: bool) -> Record:
+        return Record(
+            self._doc_id(payload),
+            payload.get("text"),
+            dict(payload.get("metadata") or {}),
+            self._embedding(vectors) if with_vectors else None,
+        )
+
+    def _records(
+        self, ids: Sequence[DocId], found: Sequence[Any], with_vectors: bool
+    ) -> list[Record]:
+        by_point = {}
+        for point in found:
+            payload = point.payload or {}
+            if "doc_id" in payload:
+                by_point[point_id(self._doc_id(payload))] = (payload, point.vector)
+        records = []
+        for doc_id in ids:
+            hit = by_point.get(point_id(doc_id)) if _valid_id(doc_id) else None
+            if hit is not None:
+                records.append(self._record(hit[0], hit[1], with_vectors))
+        return records
+
+    @staticmethod
+    def _point_ids(ids: Sequence[DocId]) -> list[str]:
+        return list(dict.fromkeys(point_id(i) for i in ids if _valid_id(i)))
+
+    # --- filters --------------------------------------------------------------------------
+
+    def accepts_raw_filter(self, raw: RawFilter) -> bool:
+        return self._dialect.is_filter(raw.value)
+
+    def _filter(self, spec: FilterLike, *, everything: bool = False, search: bool = False) -> Any:
+        """The database filter of ``spec`` (``None``: no condition). ``everything``: an empty
+        filter means all documents (delete). Counts and deletes leave the reserved point out;
+        searches never see it (it has no vectors)."""
+        d = self._dialect
+        node = parse_filter(spec)
+        if isinstance(node, RawFilter):
+            if not self.accepts_raw_filter(node):
+                raise StoreError(f"{type(self).__name__} cannot use the raw filter {node.value!r}")
+            condition = node.value
+        else:
+            condition = None if node is None else translate_filter(node, d)
+        if self._reserved and not search:
+            return d.filter(
+                must=[condition] if condition is not None else [],
+                must_not=[d.has_id([RESERVED_POINT_ID])],
+            )
+        if condition is None and everything:
+            return d.filter()
+        if condition is not None and not d.is_filter(condition):
+            condition = d.filter(must=[condition])
+        return condition
+
+    # --- searching ------------------------------------------------------------------------
+
+    def _query_vectors(self, query: M3Embedding, params: SearchParams) -> _QueryVectors:
+        """The query's vectors as the request needs them (only the parts it uses)."""
+        sparse = None
+        if query.sparse is not None and "sparse" in params.scored_parts:
+            items = [(int(t), float(w)) for t, w in query.sparse.items() if float(w) != 0.0]
+            bad = [t for t, _ in items if not 0 <= t <= _MAX_TOKEN_ID]
+            if bad:
+                raise StoreError(
+                    f"sparse token ids of the query must be in [0, 2^32), got {bad[:3]}"
+                )
+            if items:
+                sparse = ([t for t, _ in items], [w for _, w in items])
+        n_colbert = 0 if query.colbert is None else int(np.shape(query.colbert)[0])
+        return _QueryVectors(query, sparse, n_colbert)
+
+    def _plan(self, params: SearchParams, qv: _QueryVectors) -> _Plan | None:
+        """The one request that answers ``params`` (``None``: nothing can match)."""
+
+        def usable(part: str) -> bool:
+            return part != "sparse" or qv.sparse is not None
+
+        def colbert_factor(part: str) -> float:
+            return 1.0 / qv.n_colbert if part == "colbert" else 1.0
+
+        def rescore(
+            parts_weights: Sequence[tuple[str, float]], sources: list[_Stage], limit: int
+        ) -> _Stage:
+            """Each exact score of every document of ``sources`` (their union), combined."""
+            total = float(sum(w for _, w in parts_weights))
+            scored = [(p, w) for p, w in parts_weights if w > 0 and usable(p)]
+            stages = [_Stage(_Nearest(p), sources, limit) for p, _ in scored]
+            if not any(p != "sparse" for p, _ in scored):
+                # A sparse re-score drops documents that share no token: add another one so the
+                # union keeps every candidate (its term is not in the formula).
+                keeper = next(p for p, _ in parts_weights if p != "sparse")
+                stages.append(_Stage(_Nearest(keeper), sources, limit))
+            terms = [(i, w / total * colbert_factor(p)) for i, (p, w) in enumerate(scored)]
+            return _Stage(_Formula(terms), stages)
+
+        legs = [leg for leg in params.legs if usable(leg)]
+        if not legs:
+            return None
+        scale = 1.0
+        if len(params.legs) == 1:
+            ranker = _Stage(_Nearest(legs[0]))
+            final_part: str | None = legs[0]
+            scale = colbert_factor(legs[0])
+        else:
+            final_part = None
+            sources = [_Stage(_Nearest(leg), limit=params.leg_limit) for leg in legs]
+            if params.fusion == "rrf":
+                k = float(params.rrf_k)
+                if k.is_integer():
+                    ranker = _Stage(_Fuse("rrf", k=int(k) + 1), sources)
+                else:
+                    # Qdrant's weighted RRF with k=2 is w / (rank + w): w = rrf_k gives rrf_k
+                    # times the contract's 1 / (rrf_k + rank).
+                    ranker = _Stage(_Fuse("rrf", k=2, weights=[k] * len(sources)), sources)
+                    scale = 1.0 / k
+            elif params.fusion == "dbsf":
+                ranker = _Stage(_Fuse("dbsf"), sources)
+            else:
+                union = params.leg_limit * len(sources)
+                ranker = rescore(
+                    list(zip(params.legs, params.leg_weights, strict=False)), sources, union
+                )
+
+        if params.rerank is None:
+            ranker.limit = params.k
+            top = ranker
+        else:
+            ranker.limit = params.candidates
+            scale = 1.0
+            if params.rerank == "colbert":
+                top = _Stage(_Nearest("colbert"), [ranker], params.k)
+                final_part, scale = "colbert", colbert_factor("colbert")
+            else:
+                top = rescore(
+                    list(zip(LEG_NAMES, params.weights, strict=False)), [ranker], params.candidates
+                )
+                top.limit = params.k
+                final_part = None
+        known = {final_part} if final_part is not None else set()
+        if self.sparse_idf:
+            known.discard("sparse")  # Qdrant's IDF-weighted score is not the lexical score
+        recompute = None
+        if self._half_colbert:
+            # The engine's MaxSim is that of the float16-rounded query: where it makes the final
+            # score, score the hits exactly here, re-sort, and ask for a few more to re-sort.
+            if final_part == "colbert":
+                recompute = ("part", "colbert")
+            elif params.rerank == "all" and params.weights[2] > 0:
+                recompute = ("all", params.weights)
+            elif (
+                params.rerank is None
+                and len(params.legs) > 1
+                and params.fusion == "weighted"
+                and dict(zip(params.legs, params.leg_weights, strict=False)).get("colbert", 0) > 0
+            ):
+                recompute = ("weighted", params.legs, params.leg_weights)
+            if recompute is not None:
+                known.discard("colbert")
+                top.limit = params.k + _HALF_MARGIN
+        needed = [p for p in params.scored_parts if p not in known]
+        by_id = tuple(p for p in needed if self._score_by_id(p))
+        fetch = tuple(p for p in needed if p not in by_id)
+        return _Plan(top, final_part, scale, fetch, recompute, params.k, by_id)
+
+    def _score_by_id(self, part: str) -> bool:
+        """Whether the engine gives ``part`` 's exact score of a few ids cheaply: not the
+        IDF-weighted sparse score, not half-precision MaxSim (local mode: never, it scores
+        every point of the collection for any request)."""
+        if part == "sparse":
+            return not self.sparse_idf
+        if part == "colbert":
+            return not self._half_colbert
+        return True
+
+    def _by_id_requests(self, plan: _Plan, qv: _QueryVectors, points: Sequence[Any]) -> list[Any]:
+        """The second requests of a plan (sent as one batch): each ``by_id`` part's score of
+        the hits, scored by the engine over just their ids (tiny answers, no vectors)."""
+        if not plan.by_id:
+            return []
+        ids = [str(point.id) for point in points]
+        if not ids:
+            return []
+        only = self._dialect.filter(must=[self._dialect.has_id(ids)])
+        return [
+            self._dialect.batch_item(
+                _Stage(_Nearest(part), limit=len(ids)),
+                qv,
+                self.names,
+                only,
+                self._dialect.search_params(True, None) if self._params_allowed() else None,
+            )
+            for part in plan.by_id
+        ]
+
+    def _request(self, plan: _Plan, qv: _QueryVectors, query_filter: Any) -> Any:
+        params = (
+            self._dialect.search_params(self.exact, self.hnsw_ef) if self._use_params() else None
+        )
+        return self._dialect.request(
+            plan.top, qv, self.names, query_filter, params, self._vector_names(plan.fetch_parts)
+        )
+
+    def _use_params(self) -> bool:
+        return self._params_allowed() and (self.exact or self.hnsw_ef is not None)
+
+    def _params_allowed(self) -> bool:
+        return True
+
+    def _hits(
+        self,
+        query: M3Embedding,
+        params: SearchParams,
+        plan: _Plan,
+        points: Sequence[Any],
+        by_id: Sequence[Sequence[Any]] = (),
+    ) -> list[Hit]:
+        if not points:
+            return []
+        payloads = [point.payload or {} for point in points]
+        scored_parts = params.scored_parts
+        ids = [self._doc_id(payload) for payload in payloads]
+        finals = [float(point.score) * plan.scale for point in points]
+        # Each hit's exact score of every part: the final score where it is one, else the
+        # engine's score of the hit by id, else the core's scoring of the hit's vectors.
+        parts: dict[str, list[float]] = {}
+        if plan.final_part is not None and plan.final_part not in plan.fetch_parts:
+            parts[plan.final_part] = finals
+        if plan.fetch_parts:
+            vectors = [point.vector or {} for point in points]
+            for part in plan.fetch_parts:
+                parts[part] = self._part_scores(query, part, vectors)
+        point_ids = [str(point.id) for point in points] if plan.by_id else []
+        for part, answer in zip(plan.by_id, by_id, strict=True):
+            factor = 1.0 / len(query.colbert) if part == "colbert" else 1.0  # type: ignore[arg-type]
+            engine = {str(p.id): float(p.score) * factor for p in answer}
+            if part == "sparse":  # a document that shares no token is not returned: score 0
+                parts[part] = [engine.get(pid, 0.0) for pid in point_ids]
+                continue
+            try:
+                parts[part] = [engine[pid] for pid in point_ids]
+            except KeyError:
+                raise StoreError("a document vanished from the store during the search") from None
+        table = {doc_id: {p: parts[p][i] for p in scored_parts} for i, doc_id in enumerate(ids)}
+        order = range(len(ids))
+        if plan.recompute is not None:
+            finals = [_recompute(plan.recompute, table[doc_id]) for doc_id in ids]
+            order = sorted(order, key=lambda i: -finals[i])[: plan.k]
+        return [
+            Hit(
+                ids[i],
+                finals[i],
+                table[ids[i]],
+                payloads[i].get("text"),
+                dict(payloads[i].get("metadata") or {}),
+            )
+            for i in order
+        ]
+
+    def _part_scores(
+        self, query: M3Embedding, part: str, vectors: Sequence[Mapping[str, Any]]
+    ) -> list[float]:
+        """The core's exact ``part`` score of each returned vector set."""
+        if not vectors:
+            return []
+        name = self.names[part]
+        if part == "dense":
+            matrix = np.asarray([v[name] for v in vectors], dtype=np.float32)
+            values = dense_scores(query.dense, matrix)  # type: ignore[arg-type]
+        elif part == "sparse":
+            docs = [_sparse_dict(v.get(name)) for v in vectors]
+            values = lexical_scores(query.sparse, docs)  # type: ignore[arg-type]
+        else:
+            matrices = [np.asarray(v[name], dtype=np.float32) for v in vectors]
+            values = colbert_scores(query.colbert, matrices)  # type: ignore[arg-type]
+        return [float(x) for x in values]
+
+
+def _sparse_dict(vector: Any) -> dict[int, float]:
+    if vector is None:
+        return {}
+    return dict(zip(vector.indices, vector.values, strict=True))
+
+
+def _recompute(how: tuple[Any, ...], scores: Mapping[str, float]) -> float:
+    if how[0] == "part":
+        return scores[how[1]]
+    if how[0] == "all":
+        return float(combine_scores(scores["dense"], scores["sparse"], scores["colbert"], how[1]))
+    legs, weights = how[1], how[2]
+    return sum(w * scores[leg] for leg, w in zip(legs, weights, strict=False) if w > 0) / float(
+        sum(weights)
+    )
+
+
+# --- filter translation ------------------------------------------------------------------------
+
+
+def metadata_path(key: str, root: str = "metadata") -> str:
+    """The payload path of metadata key ``key``: ``metadata.key``, quoted when needed."""
+    if all(c.isalnum() or c in "_-" for c in key):
+        return f"{root}.{key}"
+    if '"' in key:
+        raise StoreError(f"Qdrant cannot filter on a metadata key with a double quote: {key!r}")
+    return f'{root}."{key}"'
+
+
+def translate_filter(node: Filter, d: _Dialect) -> Any:
+    """The core filter tree as Qdrant conditions, with the reference semantics of
+    :func:`m3connect.filters.matches` (a stored list matches when any element does)."""
+    if isinstance(node, Eq):
+        return _equal(metadata_path(node.key), node.value, d)
+    if isinstance(node, In):
+        path = metadata_path(node.key)
+        # Deduplicate by type and value: 1, 1.0 and True are one dict key in Python.
+        values = list({(type(v), v): v for v in node.values}.values())
+        strings = [v for v in values if isinstance(v, str)]
+        others = [v for v in values if not isinstance(v, str)]
+        conditions = [d.match_any(path, strings)] if strings else []
+        conditions += [_equal(path, v, d) for v in others]
+        return conditions[0] if len(conditions) == 1 else d.filter(should=conditions)
+    if isinstance(node, Range):
+        return d.range(metadata_path(node.key), gt=node.gt, gte=node.gte, lt=node.lt, lte=node.lte)
+    if isinstance(node, And):
+        return d.filter(must=[translate_filter(c, d) for c in node.filters])
+    if isinstance(node, Or):
+        return d.filter(should=[translate_filter(c, d) for c in node.filters])
+    if isinstance(node, Not):
+        return d.filter(must_not=[translate_filter(node.filter, d)])
+    raise StoreError(f"not a filter node: {node!r}")
+
+
+def _equal(path: str, value: Any, d: _Dialect) -> Any:
+    # Qdrant matches strings, ints and bools exactly (bool and int apart), never floats; a
+    # closed range on a number matches ints and floats alike, as 1 == 1.0 in the reference.
+    if isinstance(value, bool):
+        return d.match_bool(path, value)
+    if isinstance(value, str):
+        return d.match_value(path, value)
+    if isinstance(value, int) and abs(value) > _MAX_EXACT_FLOAT_INT:
+        return d.match_value(path, value)  # a range would round it to a float
+    return d.range(path, gte=value, lte=value)
+
+
+# --- the two spellings of the API ------------------------------------------------------------
+
+
+class _Dialect:
+    """How one Qdrant API spells conditions, vectors, points and query requests."""
+
+    def match_value(self, key: str, value: Any) -> Any:
+        raise NotImplementedError
+
+    def match_bool(self, path: str, value: bool) -> Any:
+        return self.match_value(path, value)
+
+    def extra_payload(self, metadata: Mapping[str, Any]) -> dict[str, Any]:
+        """Payload fields besides the document's own (none, unless filters need them)."""
+        return {}
+
+    def match_any(self, key: str, values: list[str]) -> Any:
+        raise NotImplementedError
+
+    def range(self, key: str, **bounds: float | None) -> Any:
+        raise NotImplementedError
+
+    def has_id(self, ids: list[str]) -> Any:
+        raise NotImplementedError
+
+    def filter(
+        self, must: list | None = None, should: list | None = None, must_not: list | None = None
+    ) -> Any:
+        raise NotImplementedError
+
+    def is_filter(self, value: Any) -> bool:
+        raise NotImplementedError
+
+    def sparse_vector(self, indices: list[int], values: list[float]) -> Any:
+        raise NotImplementedError
+
+    def point(self, pid: str, vectors: dict[str, Any], payload: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def search_params(self, exact: bool, hnsw_ef: int | None) -> Any:
+        raise NotImplementedError
+
+    def request(
+        self,
+        top: _Stage,
+        qv: _QueryVectors,
+        names: Mapping[str, str],
+        query_filter: Any,
+        params: Any,
+        with_vectors: list[str],
+    ) -> Any:
+        raise NotImplementedError
+
+    def batch_item(
+        self,
+        top: _Stage,
+        qv: _QueryVectors,
+        names: Mapping[str, str],
+        query_filter: Any,
+        params: Any,
+    ) -> Any:
+        """A request of a batch, answered with ids and scores only."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _vector(part: str, qv: _QueryVectors, sparse_vector: Any) -> Any:
+        if part != "sparse":
+            return qv.as_list(part)
+        assert qv.sparse is not None
+        return sparse_vector(*qv.sparse)
+
+
+class _ClientDialect(_Dialect):
+    """qdrant-client's pydantic models (server, Cloud and local mode)."""
+
+    def __init__(self) -> None:
+        from qdrant_client import models
+
+        self.m = models
+
+    def match_value(self, key, value):  # type: ignore[no-untyped-def]
+        return self.m.FieldCondition(key=key, match=self.m.MatchValue(value=value))
+
+    def match_any(self, key, values):  # type: ignore[no-untyped-def]
+        return self.m.FieldCondition(key=key, match=self.m.MatchAny(any=values))
+
+    def range(self, key, **bounds):  # type: ignore[no-untyped-def]
+        return self.m.FieldCondition(key=key, range=self.m.Range(**bounds))
+
+    def has_id(self, ids):  # type: ignore[no-untyped-def]
+        return self.m.HasIdCondition(has_id=ids)
+
+    def filter(self, must=None, should=None, must_not=None):  # type: ignore[no-untyped-def]
+        return self.m.Filter(must=must or None, should=should or None, must_not=must_not or None)
+
+    def is_filter(self, value):  # type: ignore[no-untyped-def]
+        return isinstance(value, self.m.Filter)
+
+    def sparse_vector(self, indices, values):  # type: ignore[no-untyped-def]
+        return self.m.SparseVector(indices=indices, values=values)
+
+    def point(self, pid, vectors, payload):  # type: ignore[no-untyped-def]
+        return self.m.PointStruct(id=pid, vector=vectors, payload=payload)
+
+    def search_params(self, exact, hnsw_ef):  # type: ignore[no-untyped-def]
+        return self.m.SearchParams(exact=exact, hnsw_ef=hnsw_ef)
+
+    def _query(
+        self, stage: _Stage, qv: _QueryVectors, names: Mapping[str, str]
+    ) -> tuple[Any, str | None]:
+        m = self.m
+        q = stage.query
+        if isinstance(q, _Nearest):
+            vector = self._vector(q.part, qv, self.sparse_vector)
+            return m.NearestQuery(nearest=vector), names[q.part]
+        if isinstance(q, _Fuse):
+            if q.method == "dbsf":
+                return m.FusionQuery(fusion=m.Fusion.DBSF), None
+            return m.RrfQuery(rrf=m.Rrf(k=q.k, weights=q.weights)), None
+        terms = [m.MultExpression(mult=[coef, f"$score[{i}]"]) for i, coef in q.terms]
+        formula = m.SumExpression(sum=terms) if terms else 0.0
+        defaults = {f"$score[{i}]": 0.0 for i in range(len(stage.sources))}
+        return m.FormulaQuery(formula=formula, defaults=defaults), None
+
+    def _prefetch(self, stage, qv, names, query_filter, params):  # type: ignore[no-untyped-def]
+        query, using = self._query(stage, qv, names)
+        nearest = isinstance(stage.query, _Nearest)
+        return self.m.Prefetch(
+            query=query,
+            using=using,
+            prefetch=[self._prefetch(s, qv, names, query_filter, params) for s in stage.sources]
+            or None,
+            filter=query_filter,
+            params=params if nearest else None,
+            limit=stage.limit,
+        )
+
+    def request(self, top, qv, names, query_filter, params, with_vectors):  # type: ignore[no-untyped-def]
+        query, using = self._query(top, qv, names)
+        return {
+            "query": query,
+            "using": using,
+            "prefetch": [self._prefetch(s, qv, names, query_filter, params) for s in top.sources]
+            or None,
+            "query_filter": query_filter,
+            "search_params": params if isinstance(top.query, _Nearest) else None,
+            "limit": top.limit,
+            "with_payload": True,
+            "with_vectors": with_vectors or False,
+        }
+
+    def batch_item(self, top, qv, names, query_filter, params):  # type: ignore[no-untyped-def]
+        request = self.request(top, qv, names, query_filter, params, [])
+        return self.m.QueryRequest(
+            query=request["query"],
+            using=request["using"],
+            prefetch=request["prefetch"],
+            filter=query_filter,
+            params=request["search_params"],
+            limit=top.limit,
+            with_payload=False,
+            with_vector=False,
+        )
+
+    # --- schema ---------------------------------------------------------------------------
+
+    def schema(self, info: Any) -> _Schema:
+        params = info.config.params
+        vectors = params.vectors
+        out = _Schema({}, {})
+        if vectors is not None and not isinstance(vectors, Mapping):
+            out.unnamed = True
+            vectors = {}
+        for name, spec in (vectors or {}).items():
+            mv = spec.multivector_config
+            out.vectors[name] = _VectorSpec(
+                size=int(spec.size),
+                distance=_lower(spec.distance) or "",
+                comparator=_lower(mv.comparator) if mv is not None else None,
+                datatype=_lower(spec.datatype),
+            )
+        for name, spec in (params.sparse_vectors or {}).items():
+            modifier = _lower(getattr(spec, "modifier", None))
+            out.sparse[name] = None if modifier in (None, "none") else modifier
+        return out
+
+    def create_kwargs(self, store: _QdrantBase) -> dict[str, Any]:
+        m = self.m
+        fp = store.fingerprint
+        assert fp is not None
+        colbert = m.VectorParams(
+            size=fp.colbert_dim,
+            distance=m.Distance.DOT,
+            multivector_config=m.MultiVectorConfig(comparator=m.MultiVectorComparator.MAX_SIM),
+            hnsw_config=None if store.colbert_hnsw else m.HnswConfigDiff(m=0),
+            datatype=m.Datatype.FLOAT16 if store.colbert_dtype == np.float16 else None,
+        )
+        return {
+            "vectors_config": {
+                store.names["dense"]: m.VectorParams(size=fp.dense_dim, distance=m.Distance.DOT),
+                store.names["colbert"]: colbert,
+            },
+            "sparse_vectors_config": {
+                store.names["sparse"]: m.SparseVectorParams(
+                    modifier=m.Modifier.IDF if store.sparse_idf else None
+                )
+            },
+        }
+
+
+class _EdgeDialect(_Dialect):
+    """qdrant-edge's objects (the Qdrant engine in-process)."""
+
+    def __init__(self) -> None:
+        import qdrant_edge
+
+        self.e = qdrant_edge
+
+    def match_value(self, key, value):  # type: ignore[no-untyped-def]
+        return self.e.FieldCondition(key, match=self.e.MatchValue(value))
+
+    # qdrant-edge-py 0.9 turns MatchValue(True) into MatchValue(1) (which matches the int 1,
+    # never a bool), so booleans are matched on a shadow field of "true" / "false" strings.
+    BOOLS = "metadata_bools"
+
+    def match_bool(self, path, value):  # type: ignore[no-untyped-def]
+        shadow = self.BOOLS + path[len("metadata") :]
+        return self.match_value(shadow, "true" if value else "false")
+
+    def extra_payload(self, metadata):  # type: ignore[no-untyped-def]
+        bools = {}
+        for key, value in metadata.items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            found = [("true" if v else "false") for v in values if isinstance(v, bool)]
+            if found:
+                bools[key] = found
+        return {self.BOOLS: bools} if bools else {}
+
+    def match_any(self, key, values):  # type: ignore[no-untyped-def]
+        return self.e.FieldCondition(key, match=self.e.MatchAny(values))
+
+    def range(self, key, **bounds):  # type: ignore[no-untyped-def]
+        bounds = {k: None if v is None else float(v) for k, v in bounds.items()}
+        return self.e.FieldCondition(key, range=self.e.RangeFloat(**bounds))
+
+    def has_id(self, ids):  # type: ignore[no-untyped-def]
+        return self.e.HasIdCondition(set(ids))
+
+    def filter(self, must=None, should=None, must_not=None):  # type: ignore[no-untyped-def]
+        return self.e.Filter(must=must or None, should=should or None, must_not=must_not or None)
+
+    def is_filter(self, value):  # type: ignore[no-untyped-def]
+        return isinstance(value, self.e.Filter)
+
+    def sparse_vector(self, indices, values):  # type: ignore[no-untyped-def]
+        return self.e.SparseVector(indices=indices, values=values)
+
+    def point(self, pid, vectors, payload):  # type: ignore[no-untyped-def]
+        return self.e.Point(pid, vectors, payload)
+
+    def search_params(self, exact, hnsw_ef):  # type: ignore[no-untyped-def]
+        return self.e.SearchParams(hnsw_ef=hnsw_ef, exact=exact)
+
+    def _query(self, stage: _Stage, qv: _QueryVectors, names: Mapping[str, str]) -> Any:
+        e = self.e
+        q = stage.query
+        if isinstance(q, _Nearest):
+            return e.Query.Nearest(
+                self._vector(q.part, qv, self.sparse_vector), using=names[q.part]
+            )
+        if isinstance(q, _Fuse):
+            if q.method == "dbsf":
+                return e.Fusion.Dbsf()
+            return e.Fusion.Rrf(k=q.k, weights=q.weights)
+        x = e.Expression
+        terms = [x.Mult([x.Constant(coef), x.Variable(f"$score[{i}]")]) for i, coef in q.terms]
+        formula = x.Sum(terms) if terms else x.Constant(0.0)
+        return e.Formula(formula, defaults={f"$score[{i}]": 0.0 for i in range(len(stage.sources))})
+
+    def _prefetch(self, stage, qv, names, query_filter, params):  # type: ignore[no-untyped-def]
+        return self.e.Prefetch(
+            limit=stage.limit,
+            query=self._query(stage, qv, names),
+            prefetches=[self._prefetch(s, qv, names, query_filter, params) for s in stage.sources]
+            or None,
+            params=params if isinstance(stage.query, _Nearest) else None,
+            filter=query_filter,
+        )
+
+    def request(self, top, qv, names, query_filter, params, with_vectors, with_payload=True):  # type: ignore[no-untyped-def]
+        return self.e.QueryRequest(
+            limit=top.limit,
+            query=self._query(top, qv, names),
+            prefetches=[self._prefetch(s, qv, names, query_filter, params) for s in top.sources]
+            or None,
+            with_vector=with_vectors or False,
+            with_payload=with_payload,
+            filter=query_filter,
+            params=params if isinstance(top.query, _Nearest) else None,
+        )
+
+    def batch_item(self, top, qv, names, query_filter, params):  # type: ignore[no-untyped-def]
+        return self.request(top, qv, names, query_filter, params, [], with_payload=False)
+
+    def schema(self, config: Mapping[str, Any]) -> _Schema:
+        out = _Schema({}, {})
+        vectors = config.get("vectors") or {}
+        if "size" in vectors:  # a single unnamed vector
+            out.unnamed = True
+            vectors = {}
+        for name, spec in vectors.items():
+            out.vectors[name] = _VectorSpec(
+                size=int(spec["size"]),
+                distance=_lower(spec.get("distance")) or "",
+                comparator=_lower((spec.get("multivector_config") or {}).get("comparator")),
+                datatype=_lower(spec.get("datatype")),
+            )
+        for name, spec in (config.get("sparse_vectors") or {}).items():
+            modifier = _lower((spec or {}).get("modifier"))
+            out.sparse[name] = None if modifier in (None, "none") else modifier
+        return out
+
+    def config(self, store: _QdrantBase) -> Any:
+        e = self.e
+        fp = store.fingerprint
+        assert fp is not None
+        colbert = e.EdgeVectorParams(
+            fp.colbert_dim,
+            e.Distance.Dot,
+            multivector_config=e.MultiVectorConfig(e.MultiVectorComparator.MaxSim),
+            datatype=e.VectorStorageDatatype.Float16 if store.colbert_dtype == np.float16 else None,
+            hnsw_config=None
+            if store.colbert_hnsw
+            else e.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000),
+        )
+        return e.EdgeConfig(
+            vectors={
+                store.names["dense"]: e.EdgeVectorParams(fp.dense_dim, e.Distance.Dot),
+                store.names["colbert"]: colbert,
+            },
+            sparse_vectors={
+                store.names["sparse"]: e.EdgeSparseVectorParams(
+                    modifier=e.Modifier.Idf if store.sparse_idf else None
+                )
+            },
+        )
+
+
+# --- qdrant-client stores --------------------------------------------------------------------
+
+
+def _is_local(client: Any) -> bool:
+    options = getattr(client, "init_options", None) or {}
+    return options.get("location") == ":memory:" or options.get("path") is not None
+
+
+class _ClientStoreBase(_QdrantBase):
+    _dialect: _ClientDialect
+
+    def __init__(
+        self, client: Any, collection: str = "m3connect", encoder=None, **options: Any
+    ) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(collection, encoder, **options)
+        self.client = client
+        self._dialect = _ClientDialect()
+        # Local mode is brute force (exact) and warns about search params it ignores.
+        self._local = _is_local(client)
+
+    def _params_allowed(self) -> bool:
+        return not self._local  # local mode is brute force and warns about search params
+
+    def _score_by_id(self, part: str) -> bool:
+        return not self._local and super()._score_by_id(part)
+
+    def _engine_uses_datatype(self) -> bool:
+        return not self._local  # local mode stores float32 whatever the datatype says
+
+    def _stored_metadata(self, info: Any) -> tuple[ModelFingerprint | None, bool]:
+        """The fingerprint in the collection metadata, and whether the metadata exists at all."""
+        metadata = getattr(info.config, "metadata", None)
+        if not isinstance(metadata, Mapping):
+            return None, False
+        return self._fingerprint_from(metadata.get(METADATA_KEY)), True
+
+    def _reserved_fingerprint(self, records: Sequence[Any]) -> ModelFingerprint | None:
+        for record in records:
+            info = (record.payload or {}).get(METADATA_KEY)
+            fp = self._fingerprint_from(info)
+            if fp is not None:
+                self._reserved = True
+                return fp
+        return None
+
+    def _reserved_point(self) -> Any:
+        return self._dialect.point(RESERVED_POINT_ID, {}, {METADATA_KEY: self._info_payload()})
+
+
+class QdrantStore(_ClientStoreBase, M3Store):
+    """A BGE-M3 store in a Qdrant collection, through :class:`qdrant_client.QdrantClient`.
+
+    ``client``: a ``QdrantClient`` (server URL, Qdrant Cloud, ``":memory:"`` or ``path=``);
+    the store does not close it unless ``close_client=True``. ``collection`` is created on the
+    first write (or now, when the fingerprint is known), or attached and checked when it exists
+    (vector names, dimensions, distances, comparator, IDF modifier, model fingerprint).
+
+    Options: ``fingerprint`` / ``colbert_dtype`` / ``max_colbert_vectors`` as in every store;
+    ``dense_name`` / ``sparse_name`` / ``colbert_name``: the vector names (to attach to an
+    existing collection); ``sparse_idf``: Qdrant's IDF modifier on the sparse vector (scores are
+    then not the reference's lexical scores); ``colbert_hnsw``: build an HNSW graph for the
+    multivector (off: it only re-ranks, or is searched by brute force); ``exact``: brute-force
+    dense search instead of HNSW (exact answers; slow on large collections); ``hnsw_ef``;
+    ``exact_float16``: re-score half-precision ColBERT exactly (see the module notes);
+    ``batch_size`` / ``batch_max_floats``: points and vector components per write request
+    (ColBERT matrices are large; Qdrant refuses requests over 32 MB by default).
+    """
+
+    def __init__(
+        self,
+        client: QdrantClient,
+        collection: str = "m3connect",
+        encoder: M3Encoder | None = None,
+        *,
+        close_client: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(client, collection, encoder, **options)
+        self._close_client = close_client
+        self._attach()
+
+    # --- collection -----------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        if not self.client.collection_exists(self.collection):
+            if self.fingerprint is not None and self._fingerprint_known:
+                self._create()
+            return
+        info = self.client.get_collection(self.collection)
+        self._check_schema(self._dialect.schema(info))
+        stored, _ = self._stored_metadata(info)
+        if stored is None:
+            stored = self._reserved_fingerprint(
+                self.client.retrieve(self.collection, [RESERVED_POINT_ID], with_payload=True)
+            )
+        if self._adopt_fingerprint(stored):
+            self._store_fingerprint(has_metadata_api=True)
+        self._check_schema(self._dialect.schema(info))  # dimensions of the adopted fingerprint
+        self._ready = True
+
+    def _create(self) -> None:
+        kwargs = self._dialect.create_kwargs(self)
+        try:
+            self.client.create_collection(
+                self.collection, metadata={METADATA_KEY: self._info_payload()}, **kwargs
+            )
+        except (TypeError, AssertionError):  # a qdrant-client without collection metadata
+            self.client.create_collection(self.collection, **kwargs)
+        info = self.client.get_collection(self.collection)
+        self._check_schema(self._dialect.schema(info))
+        if self._stored_metadata(info)[0] is None:  # no metadata, or a server that drops it
+            self._store_fingerprint(has_metadata_api=False)
+        self._ready = True
+
+    def _store_fingerprint(self, has_metadata_api: bool) -> None:
+        if has_metadata_api:
+            try:
+                self.client.update_collection(
+                    self.collection, metadata={METADATA_KEY: self._info_payload()}
+                )
+                info = self.client.get_collection(self.collection)
+                if self._stored_metadata(info)[0] is not None:
+                    return
+            except (TypeError, AssertionError):
+                pass
+        self.client.upsert(self.collection, [self._reserved_point()], wait=True)
+        self._reserved = True
+
+    def _ensure(self) -> bool:
+        if not self._ready:
+            self._attach()
+        return self._ready
+
+    # --- writing --------------------------------------------------------------------------
+
+    def add(
+        self,
+        ids: Sequence[DocId],
+        embeddings: M3Output,
+        texts: Sequence[str | None] | None = None,
+        metadatas: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> None:
+        batch = self._prepare(ids, embeddings, texts, metadatas)
+        if not batch.ids:
+            return
+        if not self._ready:
+            self._fingerprint_known = True  # learned from this batch
+            self._attach()
+        for rows in self._chunks(batch):
+            self.client.upsert(self.collection, self._points(batch, rows), wait=True)
+
+    def get(self, ids: Sequence[DocId], *, with_vectors: bool = False) -> list[Record]:
+        point_ids = self._point_ids(ids)
+        if not point_ids or not self._ensure():
+            return []
+        found = self.client.retrieve(
+            self.collection,
+            point_ids,
+            with_payload=True,
+            with_vectors=self._vector_names(LEG_NAMES) if with_vectors else False,
+        )
+        return self._records(ids, found, with_vectors)
+
+    def delete(self, ids: Sequence[DocId] | None = None, *, filter: FilterLike = None) -> None:
+        from qdrant_client import models
+
+        if ids is None and filter is None:
+            raise StoreError("delete needs ids or a filter (to delete everything, pass filter={})")
+        if not self._ensure():
+            return
+        if ids is not None:
+            point_ids = self._point_ids(ids)
+            if point_ids:
+                self.client.delete(
+                    self.collection, models.PointIdsList(points=point_ids), wait=True
+                )
+        if filter is not None:
+            selector = models.FilterSelector(filter=self._filter(filter, everything=True))
+            self.client.delete(self.collection, selector, wait=True)
+
+    def count(self, *, filter: FilterLike = None) -> int:
+        ready = self._ensure()
+        query_filter = self._filter(filter)
+        if not ready:
+            return 0
+        return int(self.client.count(self.collection, count_filter=query_filter, exact=True).count)
+
+    # --- searching ------------------------------------------------------------------------
+
+    def _search(self, query: M3Embedding, params: SearchParams) -> list[Hit]:
+        qv = self._query_vectors(query, params)
+        plan = self._plan(params, qv)
+        ready = self._ensure()
+        query_filter = self._filter(params.filter, search=True)
+        if plan is None or not ready:
+            return []
+        request = self._request(plan, qv, query_filter)
+        points = self.client.query_points(self.collection, **request).points
+        by_id = []
+        batch = self._by_id_requests(plan, qv, points)
+        if batch:
+            by_id = [r.points for r in self.client.query_batch_points(self.collection, batch)]
+        return self._hits(query, params, plan, points, by_id)
+
+    def close(self) -> None:
+        if self._close_client:
+            self.client.close()
+
+
+class AsyncQdrantStore(_ClientStoreBase, AsyncM3Store):
+    """:class:`QdrantStore` over an :class:`qdrant_client.AsyncQdrantClient`, natively async.
+
+    The collection is attached (created or checked) on first use; ``await
+    AsyncQdrantStore.open(client, ...)`` does it at once, so a collection that does not fit is
+    refused there.
+    """
+
+    def __init__(
+        self,
+        client: AsyncQdrantClient,
+        collection: str = "m3connect",
+        encoder: M3Encoder | None = None,
+        *,
+        close_client: bool = False,
+        **options: Any,
+    ) -> None:
+        import asyncio
+
+        super().__init__(client, collection, encoder, **options)
+        self._close_client = close_client
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(
+        cls,
+        client: AsyncQdrantClient,
+        collection: str = "m3connect",
+        encoder: M3Encoder | None = None,
+        **options: Any,
+    ) -> AsyncQdrantStore:
+        store = cls(client, collection, encoder, **options)
+        await store._ensure()
+        return store
+
+    async def _attach(self) -> None:
+        if not await self.client.collection_exists(self.collection):
+            if self.fingerprint is not None and self._fingerprint_known:
+                await self._create()
+            return
+        info = await self.client.get_collection(self.collection)
+        self._check_schema(self._dialect.schema(info))
+        stored, _ = self._stored_metadata(info)
+        if stored is None:
+            stored = self._reserved_fingerprint(
+                await self.client.retrieve(self.collection, [RESERVED_POINT_ID], with_payload=True)
+            )
+        if self._adopt_fingerprint(stored):
+            await self._store_fingerprint(has_metadata_api=True)
+        self._check_schema(self._dialect.schema(info))
+        self._ready = True
+
+    async def _create(self) -> None:
+        kwargs = self._dialect.create_kwargs(self)
+        try:
+            await self.client.create_collection(
+                self.collection, metadata={METADATA_KEY: self._info_payload()}, **kwargs
+            )
+        except (TypeError, AssertionError):
+            await self.client.create_collection(self.collection, **kwargs)
+        info = await self.client.get_collection(self.collection)
+        self._check_schema(self._dialect.schema(info))
+        if self._stored_metadata(info)[0] is None:
+            await self._store_fingerprint(has_metadata_api=False)
+        self._ready = True
+
+    async def _store_fingerprint(self, has_metadata_api: bool) -> None:
+        if has_metadata_api:
+            try:
+                await self.client.update_collection(
+                    self.collection, metadata={METADATA_KEY: self._info_payload()}
+                )
+                info = await self.client.get_collection(self.collection)
+                if self._stored_metadata(info)[0] is not None:
+                    return
+            except (TypeError, AssertionError):
+                pass
+        await self.client.upsert(self.collection, [self._reserved_point()], wait=True)
+        self._reserved = True
+
+    async def _ensure(self) -> bool:
+        if not self._ready:
+            async with self._lock:
+                if not self._ready:
+                    await self._attach()
+        return self._ready
+
+    async def add(
+        self,
+        ids: Sequence[DocId],
+        embeddings: M3Output,
+        texts: Sequence[str | None] | None = None,
+        metadatas: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> None:
+        batch = self._prepare(ids, embeddings, texts, metadatas)
+        if not batch.ids:
+            return
+        if not self._ready:
+            self._fingerprint_known = True
+            await self._ensure()
+        for rows in self._chunks(batch):
+            await self.client.upsert(self.collection, self._points(batch, rows), wait=True)
+
+    async def get(self, ids: Sequence[DocId], *, with_vectors: bool = False) -> list[Record]:
+        point_ids = self._point_ids(ids)
+        if not point_ids or not await self._ensure():
+            return []
+        found = await self.client.retrieve(
+            self.collection,
+            point_ids,
+            with_payload=True,
+            with_vectors=self._vector_names(LEG_NAMES) if with_vectors else False,
+        )
+        return self._records(ids, found, with_vectors)
+
+    async def delete(
+        self, ids: Sequence[DocId] | None = None, *, filter: FilterLike = None
+    ) -> None:
+        from qdrant_client import models
+
+        if ids is None and filter is None:
+            raise StoreError("delete needs ids or a filter (to delete everything, pass filter={})")
+        if not await self._ensure():
+            return
+        if ids is not None:
+            point_ids = self._point_ids(ids)
+            if point_ids:
+                await self.client.delete(
+                    self.collection, models.PointIdsList(points=point_ids), wait=True
+                )
+        if filter is not None:
+            selector = models.FilterSelector(filter=self._filter(filter, everything=True))
+            await self.client.delete(self.collection, selector, wait=True)
+
+    async def count(self, *, filter: FilterLike = None) -> int:
+        ready = await self._ensure()
+        query_filter = self._filter(filter)
+        if not ready:
+            return 0
+        result = await self.client.count(self.collection, count_filter=query_filter, exact=True)
+        return int(result.count)
+
+    async def _search(self, query: M3Embedding, params: SearchParams) -> list[Hit]:
+        qv = self._query_vectors(query, params)
+        plan = self._plan(params, qv)
+        ready = await self._ensure()
+        query_filter = self._filter(params.filter, search=True)
+        if plan is None or not ready:
+            return []
+        request = self._request(plan, qv, query_filter)
+        points = (await self.client.query_points(self.collection, **request)).points
+        by_id = []
+        batch = self._by_id_requests(plan, qv, points)
+        if batch:
+            answers = await self.client.query_batch_points(self.collection, batch)
+            by_id = [r.points for r in answers]
+        return self._hits(query, params, plan, points, by_id)
+
+    async def close(self) -> None:
+        if self._close_client:
+            await self.client.close()
+
+
+# --- qdrant-edge ---------------------------------------------------------------------------------
+
+
+class QdrantEdgeStore(_QdrantBase, M3Store):
+    """A BGE-M3 store in a ``qdrant_edge.EdgeShard``: the Qdrant engine in this process.
+
+    ``path`` is the shard's folder: loaded (and checked) when it holds a shard, else created on
+    the first write (or now, when the fingerprint is known). A shard opens once per process:
+    pass an already open one as ``shard=`` to make a second store over it. The fingerprint is
+    kept in a reserved point. Options as for :class:`QdrantStore`.
+    """
+
+    _dialect: _EdgeDialect
+    CONFIG_FILE = "edge_config.json"
+
+    def __init__(
+        self,
+        path: str | Path,
+        encoder: M3Encoder | None = None,
+        *,
+        shard: Any = None,
+        **options: Any,
+    ) -> None:
+        self.path = Path(path)
+        super().__init__(str(self.path), encoder, **options)
+        self._dialect = _EdgeDialect()
+        self.shard = shard
+        self._owns_shard = shard is None
+        self._attach()
+
+    def _where(self) -> str:
+        return f"Qdrant edge shard {str(self.path)!r}"
+
+    def _attach(self) -> None:
+        config_file = self.path / self.CONFIG_FILE
+        if self.shard is None and not config_file.exists():
+            if self.fingerprint is not None and self._fingerprint_known:
+                try:
+                    self.shard = self._dialect.e.EdgeShard.create(
+                        str(self.path), self._dialect.config(self)
+                    )
+                except Exception as exc:  # the engine raises plain Exceptions
+                    raise StoreError(f"cannot create {self._where()}: {exc}") from exc
+                self._store_fingerprint()
+                if config_file.exists():
+                    self._check_schema(self._dialect.schema(json.loads(config_file.read_text())))
+                self._ready = True
+            return
+        if config_file.exists():
+            self._check_schema(self._dialect.schema(json.loads(config_file.read_text())))
+        if self.shard is None:
+            try:
+                self.shard = self._dialect.e.EdgeShard.load(str(self.path))
+            except Exception as exc:  # the engine raises plain Exceptions
+                raise StoreError(f"cannot open {self._where()}: {exc}") from exc
+        stored = self._reserved_fingerprint()
+        if self._adopt_fingerprint(stored):
+            self._store_fingerprint()
+        if config_file.exists():
+            self._check_schema(self._dialect.schema(json.loads(config_file.read_text())))
+        self._ready = True
+
+    def _reserved_fingerprint(self) -> ModelFingerprint | None:
+        for record in self.shard.retrieve(
+            [RESERVED_POINT_ID], with_payload=True, with_vector=False
+        ):
+            fp = self._fingerprint_from((record.payload or {}).get(METADATA_KEY))
+            if fp is not None:
+                self._reserved = True
+                return fp
+        return None
+
+    def _store_fingerprint(self) -> None:
+        point = self._dialect.point(RESERVED_POINT_ID, {}, {METADATA_KEY: self._info_payload()})
+        self.shard.update(self._dialect.e.UpdateOperation.upsert_points([point]))
+        self._reserved = True
+
+    def _ensure(self) -> bool:
+        if not self._ready:
+            self._attach()
+        return self._ready
+
+    def add(
+        self,
+        ids: Sequence[DocId],
+        embeddings: M3Output,
+        texts: Sequence[str | None] | None = None,
+        metadatas: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> None:
+        batch = self._prepare(ids, embeddings, texts, metadatas)
+        if not batch.ids:
+            return
+        if not self._ready:
+            self._fingerprint_known = True
+            self._attach()
+        upsert = self._dialect.e.UpdateOperation.upsert_points
+        for rows in self._chunks(batch):
+            self.shard.update(upsert(self._points(batch, rows)))
+
+    def get(self, ids: Sequence[DocId], *, with_vectors: bool = False) -> list[Record]:
+        point_ids = self._point_ids(ids)
+        if not point_ids or not self._ensure():
+            return []
+        found = self.shard.retrieve(
+            point_ids,
+            with_payload=True,
+            with_vector=self._vector_names(LEG_NAMES) if with_vectors else False,
+        )
+        return self._records(ids, found, with_vectors)
+
+    def delete(self, ids: Sequence[DocId] | None = None, *, filter: FilterLike = None) -> None:
+        if ids is None and filter is None:
+            raise StoreError("delete needs ids or a filter (to delete everything, pass filter={})")
+        if not self._ensure():
+            return
+        ops = self._dialect.e.UpdateOperation
+        if ids is not None:
+            point_ids = self._point_ids(ids)
+            if point_ids:
+                self.shard.update(ops.delete_points(point_ids))
+        if filter is not None:
+            self.shard.update(ops.delete_points_by_filter(self._filter(filter, everything=True)))
+
+    def count(self, *, filter: FilterLike = None) -> int:
+        ready = self._ensure()
+        query_filter = self._filter(filter)
+        if not ready:
+            return 0
+        return int(self.shard.count(self._dialect.e.CountRequest(exact=True, filter=query_filter)))
+
+    def _search(self, query: M3Embedding, params: SearchParams) -> list[Hit]:
+        qv = self._query_vectors(query, params)
+        plan = self._plan(params, qv)
+        ready = self._ensure()
+        query_filter = self._filter(params.filter, search=True)
+        if plan is None or not ready:
+            return []
+        points = self.shard.query(self._request(plan, qv, query_filter))
+        by_id = []
+        batch = self._by_id_requests(plan, qv, points)
+        if batch:
+            by_id = self.shard.query_batch(self._dialect.e.QueryBatchRequest(batch))
+        return self._hits(query, params, plan, points, by_id)
+
+    def flush(self) -> None:
+        if self.shard is not None:
+            self.shard.flush()
+
+    def close(self) -> None:
+        if self.shard is not None and self._owns_shard:
+            self.shard.close()
+            self.shard = None
+            self._ready = False
