@@ -305,6 +305,12 @@ class StoreBase:
         for part in params.scored_parts:
             if getattr(query, part) is None:
                 raise StoreError(f"the query has no {part} representation, which this search needs")
+        if query.sparse is not None:
+            # The same rules as stored weights: a negative weight would make "shares a token"
+            # differ from "scores above 0", which the sparse leg relies on.
+            query = M3Embedding(
+                query.dense, _check_sparse("the query", query.sparse), query.colbert
+            )
         if self.fingerprint is not None:
             if query.dense is not None and np.shape(query.dense) != (self.fingerprint.dense_dim,):
                 raise StoreError(

@@ -215,3 +215,21 @@ async def test_async_form_gives_the_same_answers(store, corpus):
     ]
     await async_store.delete(["doc-2"])
     assert await async_store.get(["doc-2"]) == []
+
+
+def test_query_sparse_weights_follow_the_stored_rules(store, corpus):
+    _, embeddings, _, _ = corpus
+    query = synthetic_queries(embeddings)[0]
+    bad = type(query)(query.dense, {1: -0.5}, query.colbert)
+    with pytest.raises(StoreError, match="must be >= 0"):
+        store.search(bad, mode="sparse")
+    zero = type(query)(query.dense, {**query.sparse, 10_000: 0.0}, query.colbert)
+    assert [h.id for h in store.search(zero, mode="sparse")] == [
+        h.id for h in store.search(query, mode="sparse")
+    ]
+
+
+def test_get_refuses_ids_of_other_types(store):
+    # True hashes like 1 in Python: without the check it would find document 1.
+    with pytest.raises(StoreError, match="ids must be"):
+        store.get([True])

@@ -16,7 +16,7 @@ import numpy as np
 from m3connect.filters import Filter, FilterLike, RawFilter, matches, parse_filter
 from m3connect.scoring import colbert_scores, dense_scores, lexical_scores
 from m3connect.search import run_search
-from m3connect.store import Hit, M3Store, Record, SearchParams, StoreError
+from m3connect.store import Hit, M3Store, Record, SearchParams, StoreError, check_id
 from m3connect.types import DocId, M3Embedding, M3Output
 
 
@@ -63,7 +63,7 @@ class InMemoryStore(M3Store):
     def get(self, ids: Sequence[DocId], *, with_vectors: bool = False) -> list[Record]:
         records = []
         for doc_id in ids:
-            doc = self._docs.get(doc_id)
+            doc = self._docs.get(check_id(doc_id))
             if doc is None:
                 continue
             embedding = (
