@@ -29,7 +29,23 @@ _EXPORTS = {
     "InMemoryStore": "m3connect.stores.memory",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AsyncM3Store",
+    "CheckpointError",
+    "Field",
+    "FingerprintMismatchError",
+    "Hit",
+    "InMemoryStore",
+    "M3Embedding",
+    "M3Encoder",
+    "M3Output",
+    "M3Store",
+    "ModelFingerprint",
+    "RawFilter",
+    "Record",
+    "SearchParams",
+    "StoreError",
+]
 
 if TYPE_CHECKING:
     from m3connect.encoder import CheckpointError, M3Encoder

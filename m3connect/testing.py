@@ -25,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 __all__ = ["SAMPLE_TEXTS", "build_random_checkpoint", "SPECIAL_TOKENS"]
@@ -138,6 +139,30 @@ def _build_tokenizer(texts: tuple[str, ...]) -> Tokenizer:
     return tokenizer
 
 
+def _init_parameters(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Scale-preserving random weights, so that the random model's vectors are not degenerate.
+
+    With transformers' own initialisation (std 0.02 everywhere) a small random XLM-R gives
+    every text the same CLS vector (cosine 1.000) and nearly no positive sparse weights: a
+    useless fixture for ranking tests. Weights with std ``1/sqrt(fan_in)`` and unit-scale
+    word embeddings give distinct dense vectors (cosines around 0.5-0.95), distinct token
+    vectors and about half of the sparse weights > 0. Biases get a little noise so that a
+    head ignoring its bias would show in the tests.
+    """
+    for name, param in module.named_parameters():
+        if "LayerNorm" in name:
+            continue  # ones and zeros, as initialised
+        if name.endswith("bias"):
+            param.normal_(0.0, 0.05, generator=generator)
+        elif "word_embeddings" in name:
+            param.normal_(0.0, 1.0, generator=generator)
+        elif "embeddings" in name:
+            # Positions matter less than words, as in a trained model.
+            param.normal_(0.0, 0.1, generator=generator)
+        else:
+            param.normal_(0.0, 1.0 / math.sqrt(param.shape[1]), generator=generator)
+
+
 def _tokenizer_config(mask_id: int) -> dict[str, object]:
     def entry(content: str, lstrip: bool = False) -> dict[str, object]:
         return {
@@ -224,18 +249,31 @@ def build_random_checkpoint(
         hidden_act="gelu",
         architectures=["XLMRobertaModel"],
     )
-    # fork_rng: seeding must not disturb the caller's global random state.
+    # fork_rng: building the modules draws from the global generator; the caller's random
+    # state must not change. Every parameter is then overwritten from a seeded generator.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = XLMRobertaModel(config)
+        model = XLMRobertaModel(config)  # with the pooler, like the hub checkpoint
         colbert = torch.nn.Linear(hidden_size, hidden_size)
         sparse = torch.nn.Linear(hidden_size, 1)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in (model, colbert, sparse):
+            _init_parameters(module, generator)
     model.eval()
-    model.save_pretrained(out, safe_serialization=True)
+    # config + safetensors written directly (what save_pretrained writes for this model, minus
+    # its progress bar on stderr).
+    config.save_pretrained(out)
+    save_file(
+        {name: tensor.contiguous() for name, tensor in model.state_dict().items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
 
     colbert_state = {k: v.detach().clone() for k, v in colbert.state_dict().items()}
     if colbert_fp16:
         colbert_state = {k: v.half() for k, v in colbert_state.items()}
     torch.save(colbert_state, out / "colbert_linear.pt")
-    torch.save({k: v.detach().clone() for k, v in sparse.state_dict().items()}, out / "sparse_linear.pt")
+    torch.save(
+        {k: v.detach().clone() for k, v in sparse.state_dict().items()}, out / "sparse_linear.pt"
+    )
     return out

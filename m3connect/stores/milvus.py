@@ -562,10 +562,11 @@ class _MilvusCore(StoreBase):
             companion = yield Call("describe_collection", {"collection_name": self.companion})
             self._check_fields(self.companion, companion, self._expected_companion_fields(stored))
         self._list_lengths = json.loads(properties.get(PROP_LIST_LENGTHS) or "{}")
-        if not self.is_lite:
-            yield Call("load_collection", {"collection_name": self.collection})
-            if layout == "companion":
-                yield Call("load_collection", {"collection_name": self.companion})
+        # A collection opened by a new process (a Milvus Lite file included) starts released:
+        # every read would fail until it is loaded.
+        yield Call("load_collection", {"collection_name": self.collection})
+        if layout == "companion":
+            yield Call("load_collection", {"collection_name": self.companion})
         self._exists = True
 
     def _expected_main_fields(self, fp: ModelFingerprint) -> dict[str, tuple[Any, int | None]]:

@@ -1,0 +1,386 @@
+"""Store URIs: one string names a store (database, place, collection) on the command line.
+
+=================================== =========================================================
+``memory:``                         a new in-memory reference store (gone when the process ends)
+``memory:#name``                    an in-memory store shared by name within one process
+``qdrant:./path``                   Qdrant local mode (qdrant-client), files under ``./path``
+``qdrant::memory:``                 Qdrant local mode in memory
+``qdrant+http://host:6333/coll``    a Qdrant server (``qdrant+https://`` with TLS)
+``milvus:./m3.db``                  Milvus Lite, one file
+``milvus+http://host:19530/coll``   a Milvus server (``/db/coll`` picks a database too)
+``es+http://host:9200/index``       Elasticsearch (``es+https://``; ``elasticsearch+...`` too)
+=================================== =========================================================
+
+The collection (index) is the URL path or a ``#name`` fragment; without one it is
+``m3connect``. ``qdrant:`` and ``milvus:`` without a path mean the embedded default files
+``./m3connect.qdrant`` and ``./m3connect.db``. Store options go in the query string:
+``?colbert_dtype=float16&max_colbert_vectors=2048``.
+
+Credentials never go in a URI (it would be in shell histories and logs); they come from the
+environment when the store is opened: ``QDRANT_API_KEY``, ``MILVUS_TOKEN`` (``user:password``
+or an API key), ``ES_API_KEY`` or ``ES_USERNAME`` + ``ES_PASSWORD`` (and ``ES_CA_CERTS`` for a
+cluster with its own certificate authority). A :class:`StoreURI`
+never holds them, so its ``str``/``repr`` are safe to log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
+
+from m3connect.fingerprint import ModelFingerprint
+
+if TYPE_CHECKING:
+    from m3connect.encoder import M3Encoder
+    from m3connect.store import M3Store
+
+__all__ = [
+    "UriError",
+    "StoreURI",
+    "StoreHandle",
+    "parse_store_uri",
+    "open_store",
+    "DEFAULT_STORE_URI",
+    "DEFAULT_COLLECTION",
+    "KINDS",
+]
+
+DEFAULT_COLLECTION = "m3connect"
+DEFAULT_QDRANT_PATH = "./m3connect.qdrant"
+DEFAULT_MILVUS_PATH = "./m3connect.db"
+#: The store used when none is named: Qdrant local mode in ``./m3connect.qdrant``. Of the two
+#: embedded stores it is the more exact and the cheaper to write: every search is brute force
+#: and the ColBERT vectors are a native multivector scored by MaxSim, where Milvus Lite has no
+#: multivector field (one companion row per token vector, an exact search in rounds) and
+#: writes about three times slower (benchmarks/bench_indexing.py). Local mode is pure Python:
+#: fine up to some ten thousand chunks; beyond, use a server (or qdrant-edge).
+DEFAULT_STORE_URI = f"qdrant:{DEFAULT_QDRANT_PATH}"
+
+KINDS = ("memory", "qdrant", "milvus", "elasticsearch")
+_SCHEMES = {
+    "memory": ("memory", False),
+    "qdrant": ("qdrant", False),
+    "qdrant+http": ("qdrant", True),
+    "qdrant+https": ("qdrant", True),
+    "milvus": ("milvus", False),
+    "milvus+http": ("milvus", True),
+    "milvus+https": ("milvus", True),
+    "es+http": ("elasticsearch", True),
+    "es+https": ("elasticsearch", True),
+    "elasticsearch+http": ("elasticsearch", True),
+    "elasticsearch+https": ("elasticsearch", True),
+}
+_OPTIONS = {"colbert_dtype": str, "max_colbert_vectors": int}
+_COLLECTION_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
+_EXAMPLES = (
+    "memory:, qdrant:./path, qdrant+http://host:6333/collection, milvus:./m3.db, "
+    "milvus+http://host:19530/collection, es+http://host:9200/index"
+)
+
+# Where each kind's credentials come from (names only, never values).
+CREDENTIAL_ENV = {
+    "qdrant": ("QDRANT_API_KEY",),
+    "milvus": ("MILVUS_TOKEN",),
+    "elasticsearch": ("ES_API_KEY", "ES_USERNAME", "ES_PASSWORD"),
+}
+
+
+class UriError(ValueError):
+    """A store URI that cannot be understood."""
+
+
+@dataclass(frozen=True)
+class StoreURI:
+    """A parsed store URI. Holds no secret: credentials are read from the environment by
+    :meth:`connect`."""
+
+    kind: str
+    #: A file/folder path (embedded stores), a server URL (``http(s)://host:port``), or "" (memory).
+    location: str
+    collection: str
+    remote: bool
+    database: str | None = None
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    @property
+    def embedded(self) -> bool:
+        """Whether the store lives in this process (memory, Qdrant local, Milvus Lite): such a
+        store has one writer, and a second process cannot open it."""
+        return not self.remote
+
+    def __str__(self) -> str:
+        query = "&".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        query = f"?{query}" if query else ""
+        if self.kind == "memory":
+            return f"memory:{query}{'#' + self.collection if self.collection else ''}"
+        if not self.remote:
+            return f"{self.kind}:{self.location}{query}#{self.collection}"
+        scheme = "es" if self.kind == "elasticsearch" else self.kind
+        database = f"{self.database}/" if self.database else ""
+        return f"{scheme}+{self.location}/{database}{self.collection}{query}"
+
+    def __repr__(self) -> str:
+        return f"StoreURI({str(self)!r})"
+
+    def credentials_description(self) -> str:
+        """Where the credentials come from, for logs (never their values)."""
+        names = [n for n in CREDENTIAL_ENV.get(self.kind, ()) if os.environ.get(n)]
+        return f"credentials from {' + '.join(names)}" if names else "no credentials"
+
+    # --- connecting ------------------------------------------------------------------------
+
+    def connect(self) -> Any:
+        """A new database client for this URI (``None`` for ``memory:``)."""
+        if self.kind == "memory":
+            return None
+        if self.kind == "qdrant":
+            try:
+                from qdrant_client import QdrantClient
+            except ImportError:
+                raise UriError(
+                    f"{self} needs qdrant-client: pip install 'm3connect[qdrant]'"
+                ) from None
+            if self.remote:
+                return QdrantClient(
+                    url=self.location, api_key=os.environ.get("QDRANT_API_KEY") or None
+                )
+            if self.location == ":memory:":
+                return QdrantClient(location=":memory:")
+            return QdrantClient(path=self.location)
+        if self.kind == "milvus":
+            try:
+                from pymilvus import MilvusClient
+            except ImportError:
+                raise UriError(f"{self} needs pymilvus: pip install 'm3connect[milvus]'") from None
+            if self.remote:
+                kwargs: dict[str, Any] = {"uri": self.location}
+                token = os.environ.get("MILVUS_TOKEN")
+                if token:
+                    kwargs["token"] = token
+                if self.database:
+                    kwargs["db_name"] = self.database
+                return MilvusClient(**kwargs)
+            Path(self.location).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            return MilvusClient(str(Path(self.location).expanduser()))
+        try:
+            from elasticsearch import Elasticsearch
+        except ImportError:
+            raise UriError(
+                f"{self} needs elasticsearch: pip install 'm3connect[elasticsearch]'"
+            ) from None
+        kwargs = {}
+        api_key = os.environ.get("ES_API_KEY")
+        user, password = os.environ.get("ES_USERNAME"), os.environ.get("ES_PASSWORD")
+        if api_key:
+            kwargs["api_key"] = api_key
+        elif user or password:
+            if not (user and password):
+                raise UriError("set both ES_USERNAME and ES_PASSWORD (or ES_API_KEY)")
+            kwargs["basic_auth"] = (user, password)
+        if os.environ.get("ES_CA_CERTS"):  # a cluster with its own certificate authority
+            kwargs["ca_certs"] = os.environ["ES_CA_CERTS"]
+        return Elasticsearch(self.location, **kwargs)
+
+    def store_class(self) -> type[M3Store]:
+        if self.kind == "memory":
+            from m3connect.stores.memory import InMemoryStore
+
+            return InMemoryStore
+        try:
+            if self.kind == "qdrant":
+                from m3connect.stores.qdrant import QdrantStore
+
+                return QdrantStore
+            if self.kind == "milvus":
+                from m3connect.stores.milvus import MilvusStore
+
+                return MilvusStore
+            from m3connect.stores.elasticsearch import ElasticsearchStore
+
+            return ElasticsearchStore
+        except ImportError as exc:
+            raise UriError(f"the {self.kind} store adapter cannot be loaded: {exc}") from exc
+
+
+class StoreHandle:
+    """An open store plus the client it was opened with; :meth:`close` closes both."""
+
+    def __init__(self, uri: StoreURI, store: M3Store, client: Any) -> None:
+        self.uri = uri
+        self.store = store
+        self.client = client
+
+    def close(self) -> None:
+        try:
+            self.store.close()
+        finally:
+            _close_quietly(self.client)
+
+    def __enter__(self) -> StoreHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"StoreHandle({self.uri})"
+
+
+_MEMORY_STORES: dict[str, M3Store] = {}
+_MEMORY_LOCK = threading.Lock()
+
+
+def parse_store_uri(text: str | StoreURI) -> StoreURI:
+    """Parse a store URI (see the module docs); raises :class:`UriError` with the forms it
+    understands."""
+    if isinstance(text, StoreURI):
+        return text
+    if not isinstance(text, str) or not text.strip():
+        raise UriError(f"a store URI is a non-empty string such as {_EXAMPLES}")
+    raw = text.strip()
+    scheme, sep, rest = raw.partition(":")
+    scheme = scheme.lower()
+    if not sep or scheme not in _SCHEMES:
+        shown = _redact(raw)
+        hint = ""
+        if scheme in ("http", "https"):
+            hint = " (name the database: qdrant+http://..., milvus+http://..., es+http://...)"
+        raise UriError(f"unknown store URI {shown!r}{hint}; use one of {_EXAMPLES}")
+    kind, remote = _SCHEMES[scheme]
+    rest, _, fragment = rest.partition("#")
+    rest, _, query = rest.partition("?")
+    options = _options(query, raw)
+    if not remote:
+        if kind == "memory":
+            if rest.strip("/"):
+                raise UriError(
+                    f"memory: takes a name as a fragment (memory:#name), got {_redact(raw)!r}"
+                )
+            # memory: is a new store each time it is opened; memory:#name is shared by name.
+            collection = _collection(fragment, raw) if fragment else ""
+            return StoreURI("memory", "", collection, False, options=options)
+        location = rest or (DEFAULT_QDRANT_PATH if kind == "qdrant" else DEFAULT_MILVUS_PATH)
+        if location.startswith("//"):
+            raise UriError(
+                f"{scheme}: takes a path ({scheme}:./path or {scheme}:/abs/path); for a server "
+                f"use {scheme}+http://host:port/collection"
+            )
+        collection = _collection(fragment or DEFAULT_COLLECTION, raw)
+        return StoreURI(kind, location, collection, False, options=options)
+
+    url = urlsplit(f"{scheme.split('+', 1)[1]}:{rest}")
+    if url.username is not None or url.password is not None or "@" in url.netloc:
+        env = " / ".join(CREDENTIAL_ENV[kind])
+        raise UriError(
+            f"credentials do not go in a store URI (they would show in logs and shell history): "
+            f"set {env} in the environment instead ({_redact(raw)})"
+        )
+    if not url.hostname:
+        raise UriError(f"{_redact(raw)!r} has no host")
+    try:
+        port = url.port
+    except ValueError as exc:
+        raise UriError(f"{_redact(raw)!r}: {exc}") from None
+    location = f"{url.scheme}://{url.netloc}"
+    if port is None:
+        default_port = {"qdrant": 6333, "milvus": 19530, "elasticsearch": 9200}[kind]
+        location = f"{location}:{default_port}"
+    parts = [p for p in url.path.split("/") if p]
+    database = None
+    if kind == "milvus" and len(parts) == 2:
+        database, parts = parts[0], parts[1:]
+    if len(parts) > 1:
+        raise UriError(f"{_redact(raw)!r}: the path names one collection, got {url.path!r}")
+    from_path = parts[0] if parts else None
+    if from_path and fragment and from_path != fragment:
+        raise UriError(f"{_redact(raw)!r} names two collections ({from_path!r} and #{fragment})")
+    collection = _collection(from_path or fragment or DEFAULT_COLLECTION, raw)
+    if kind == "elasticsearch" and collection != collection.lower():
+        raise UriError(f"Elasticsearch index names are lowercase, got {collection!r}")
+    return StoreURI(kind, location, collection, True, database=database, options=options)
+
+
+def open_store(
+    uri: str | StoreURI,
+    *,
+    encoder: M3Encoder | None = None,
+    fingerprint: ModelFingerprint | None = None,
+    **options: Any,
+) -> StoreHandle:
+    """Connect and open the store ``uri`` names: a :class:`StoreHandle` (``.store``,
+    ``.close()``). ``fingerprint``/``encoder`` are passed to the store (a stored collection of
+    another model or other settings is a :class:`~m3connect.fingerprint.FingerprintMismatchError`);
+    ``options`` add to the URI's query options."""
+    parsed = parse_store_uri(uri)
+    kwargs = {**parsed.options, **options}
+    if fingerprint is not None:
+        kwargs["fingerprint"] = fingerprint
+    cls = parsed.store_class()
+    if parsed.kind == "memory":
+        if not parsed.collection:
+            return StoreHandle(parsed, cls(encoder, **kwargs), None)
+        with _MEMORY_LOCK:
+            store = _MEMORY_STORES.get(parsed.collection)
+            if store is None:
+                store = cls(encoder, **kwargs)
+                _MEMORY_STORES[parsed.collection] = store
+            elif fingerprint is not None and store.fingerprint is not None:
+                fingerprint.check_compatible(store.fingerprint, f"the store {parsed}")
+            elif fingerprint is not None:
+                store.fingerprint = fingerprint
+        # Closing an in-memory store does nothing: a named one outlives its handles.
+        return StoreHandle(parsed, store, None)
+    client = parsed.connect()
+    try:
+        store = cls(client, parsed.collection, encoder, **kwargs)  # type: ignore[call-arg]
+    except BaseException:
+        _close_quietly(client)
+        raise
+    return StoreHandle(parsed, store, client)
+
+
+def drop_memory_store(name: str) -> None:
+    with _MEMORY_LOCK:
+        _MEMORY_STORES.pop(name, None)
+
+
+def _close_quietly(client: Any) -> None:
+    close = getattr(client, "close", None)
+    if callable(close):
+        with contextlib.suppress(Exception):  # a client that is already closed
+            close()
+
+
+def _options(query: str, raw: str) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in _OPTIONS:
+            raise UriError(
+                f"unknown store option {key!r} in {_redact(raw)!r}; known: {', '.join(_OPTIONS)}"
+            )
+        try:
+            options[key] = _OPTIONS[key](value)
+        except ValueError:
+            raise UriError(
+                f"store option {key}={value!r} is not a valid {_OPTIONS[key].__name__}"
+            ) from None
+    return options
+
+
+def _collection(name: str, raw: str) -> str:
+    if not _COLLECTION_RE.match(name):
+        raise UriError(
+            f"collection name {name!r} in {_redact(raw)!r} must be letters, digits, '_', '-' or '.'"
+        )
+    return name
+
+
+def _redact(raw: str) -> str:
+    """``raw`` with any ``user:password@`` removed, for error messages."""
+    return re.sub(r"//[^/@]*@", "//***@", raw)
