@@ -391,24 +391,3 @@ main.add_command(index_command)
 main.add_command(search_command)
 main.add_command(eval_command)
 main.add_command(demo_command)
-
-
-# --------------------------------------------------------------------------------------------
-# Subcommands defined in other modules
-# --------------------------------------------------------------------------------------------
-
-
-def _register(module_name: str) -> None:
-    """Add the ``COMMANDS`` of ``module_name`` to the group, if that module exists (a module
-    that exists but fails to import is a bug and raises)."""
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec(module_name) is None:
-        return
-    for command in importlib.import_module(module_name).COMMANDS:
-        if command.name not in main.commands:
-            main.add_command(command)
-
-
-_register("m3connect.cli_jobs")  # index, search, eval, demo

@@ -163,6 +163,29 @@ def _list_hub_files(repo_id: str, revision: str | None, token: str | bool | None
     return list(HfApi(token=token).list_repo_files(repo_id, revision=revision))
 
 
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the hub cannot be reached (no DNS, no route, refused), or None when a TCP connection
+    opens. One attempt: huggingface_hub's own requests retry with back-off for half a minute
+    before an offline machine gets its answer. Behind a proxy the direct probe proves nothing,
+    so it is skipped."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlsplit(constants.ENDPOINT)
+    if not endpoint.hostname:
+        return None
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def _hub_allow_patterns(files: Sequence[str], repo_id: str) -> list[str]:
     """Which files of the repository to download: config, tokenizer, heads, one weights format."""
     present = set(files)
@@ -230,6 +253,12 @@ def resolve_checkpoint(
     repo_not_found, revision_not_found = _hub_errors()
     offline = local_files_only or _hub_offline()
     reason = "offline mode (HF_HUB_OFFLINE or local_files_only)" if offline else ""
+    if not offline:
+        unreachable = _hub_unreachable()
+        if unreachable:
+            reason = f"the Hugging Face Hub is not reachable: {unreachable}"
+            logger.warning("%s; looking for %s in the local cache", reason, name)
+            offline = True
     if not offline:
         try:
             files = _list_hub_files(name, revision, token)
