@@ -286,12 +286,9 @@ def encode_command(
 
     from tqdm.auto import tqdm
 
-    from m3connect.encoder import CheckpointError, M3Encoder
+    from m3connect.cli_jobs import load_encoder
 
-    try:
-        encoder = M3Encoder.from_pretrained(model, device=device, dtype=dtype)
-    except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from None
+    encoder = load_encoder(model, device, dtype)
     if max_length > encoder.max_length:
         raise click.BadParameter(
             f"{max_length} is more than the {encoder.max_length} tokens {model} allows",

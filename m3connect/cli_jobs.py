@@ -57,8 +57,12 @@ def _random_checkpoint() -> Path:
 def load_encoder(model: str, device: str | None = None, dtype: str = "float32") -> Any:
     """``M3Encoder.from_pretrained`` with a checkpoint problem turned into a one-line CLI error
     (the encoder's message says how to point at a local folder)."""
+    from transformers.utils import logging as transformers_logging
+
     from m3connect.encoder import CheckpointError, M3Encoder
 
+    # The command line has its own progress bars; transformers' "Loading weights" bar is noise.
+    transformers_logging.disable_progress_bar()
     name = str(_random_checkpoint()) if model == RANDOM_MODEL else model
     try:
         return M3Encoder.from_pretrained(name, device=device, dtype=dtype)
