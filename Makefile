@@ -8,20 +8,23 @@ TORCH ?= torch==2.13.0
 # the same layout (no download: the pipeline runs the same, the rankings mean nothing).
 MODEL ?= BAAI/bge-m3
 
-.PHONY: install demo test lint
+.PHONY: install install-test demo test lint
 
-install:
+install:  ## the library with every store adapter
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH)"
+	$(PYTHON) -m pip install -e ".[all]"
+
+install-test: install  ## + pytest, ruff, Ray
 	$(PYTHON) -m pip install -e ".[test]"
 
 demo: install
 	$(PYTHON) -m m3connect demo --model "$(MODEL)"
 
-lint:
+lint: install-test
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
-test: install lint
+test: lint
 	$(PYTHON) -m pytest -q; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the test suite did not load"; fi; \
 	  exit $$rc
