@@ -29,11 +29,9 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +45,7 @@ from pymilvus import (  # noqa: E402
     RRFRanker,
     WeightedRanker,
 )
+from synthetic import DIM, corpus, interleaved, queries  # noqa: E402
 
 from m3connect.fingerprint import ModelFingerprint  # noqa: E402
 from m3connect.scoring import colbert_scores  # noqa: E402
@@ -54,8 +53,6 @@ from m3connect.store import SearchParams  # noqa: E402
 from m3connect.stores.milvus import MilvusStore, encode_pk  # noqa: E402
 from m3connect.types import M3Embedding, M3Output  # noqa: E402
 
-DIM = 1024
-VOCAB = 30_000
 K = 10
 CANDIDATES = 100
 TOKENS_PER_QUERY_VECTOR = 256
@@ -71,60 +68,6 @@ MODES: dict[str, dict] = {
     "hybrid rrf + colbert rerank": {"mode": "hybrid", "rerank": "colbert"},
     "hybrid rrf + rerank all": {"mode": "hybrid", "rerank": "all"},
 }
-
-
-def unit(rows: np.ndarray) -> np.ndarray:
-    return (rows / np.linalg.norm(rows, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def sparse_row(rng: np.random.Generator, n: int) -> dict[int, float]:
-    tokens = np.unique(np.minimum(rng.zipf(1.3, size=n), VOCAB - 1) + rng.integers(0, 50, size=n))
-    weights = rng.uniform(0.01, 0.3, size=len(tokens))
-    return {int(t): float(w) for t, w in zip(tokens, weights, strict=True)}
-
-
-def corpus(n: int, seed: int = 0) -> tuple[list[str], M3Output, list[str], list[dict]]:
-    rng = np.random.default_rng(seed)
-    dense = unit(rng.normal(size=(n, DIM)))
-    sparse = [sparse_row(rng, 100) for _ in range(n)]
-    colbert = [unit(rng.normal(size=(int(rng.integers(20, 61)), DIM))) for _ in range(n)]
-    ids = [f"doc-{i}" for i in range(n)]
-    texts = [f"passage {i} " + "lorem ipsum " * 40 for i in range(n)]
-    metas = [{"lang": ["en", "ko", "de"][i % 3], "year": 2000 + i % 25} for i in range(n)]
-    return ids, M3Output(dense=dense, sparse=sparse, colbert=colbert), texts, metas
-
-
-def queries(n: int, seed: int = 1) -> list[M3Embedding]:
-    rng = np.random.default_rng(seed)
-    return [
-        M3Embedding(
-            dense=unit(rng.normal(size=DIM)),
-            sparse=sparse_row(rng, 20),
-            colbert=unit(rng.normal(size=(32, DIM))),
-        )
-        for _ in range(n)
-    ]
-
-
-def median_ms(samples: list[float]) -> float:
-    return 1000 * statistics.median(samples)
-
-
-def interleaved(
-    adapter: Callable[[M3Embedding], object], raw: Callable[[M3Embedding], object], qs, warmup=2
-) -> tuple[float, float]:
-    for q in qs[:warmup]:
-        adapter(q)
-        raw(q)
-    a, r = [], []
-    for q in qs:
-        t = time.perf_counter()
-        raw(q)
-        r.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        adapter(q)
-        a.append(time.perf_counter() - t)
-    return median_ms(a), median_ms(r)
 
 
 # --- hand-written raw requests ------------------------------------------------------------------
@@ -270,7 +213,7 @@ def main() -> None:
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
 
     t0 = time.perf_counter()
-    ids, emb, texts, metas = corpus(args.docs)
+    ids, emb, texts, metas = corpus(args.docs, colbert_rows=(20, 60))
     qs = queries(args.queries)
     n_tokens = sum(len(c) for c in emb.colbert)
     print(

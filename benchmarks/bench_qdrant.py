@@ -31,24 +31,20 @@ from __future__ import annotations
 import argparse
 import gc
 import shutil
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from synthetic import DIM, corpus, interleaved, queries  # noqa: E402
 
 from m3connect.fingerprint import ModelFingerprint  # noqa: E402
 from m3connect.store import SearchParams  # noqa: E402
 from m3connect.stores.qdrant import point_id  # noqa: E402
 from m3connect.types import M3Embedding, M3Output  # noqa: E402
 
-DIM = 1024
-VOCAB = 30_000
 K = 10
 CANDIDATES = 100
 
@@ -64,66 +60,10 @@ MODES: dict[str, dict] = {
 }
 
 
-def unit(rows: np.ndarray) -> np.ndarray:
-    return (rows / np.linalg.norm(rows, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def sparse_row(rng: np.random.Generator, n: int) -> dict[int, float]:
-    tokens = np.unique(np.minimum(rng.zipf(1.3, size=n), VOCAB - 1) + rng.integers(0, 50, size=n))
-    return {
-        int(t): float(w)
-        for t, w in zip(tokens, rng.uniform(0.01, 0.3, size=len(tokens)), strict=True)
-    }
-
-
-def corpus(n: int, seed: int = 0) -> tuple[list[str], M3Output, list[str], list[dict]]:
-    rng = np.random.default_rng(seed)
-    dense = unit(rng.normal(size=(n, DIM)))
-    sparse = [sparse_row(rng, 100) for _ in range(n)]
-    colbert = [unit(rng.normal(size=(int(rng.integers(60, 141)), DIM))) for _ in range(n)]
-    ids = [f"doc-{i}" for i in range(n)]
-    texts = [f"passage {i} " + "lorem ipsum " * 40 for i in range(n)]
-    metas = [{"lang": ["en", "ko", "de"][i % 3], "year": 2000 + i % 25} for i in range(n)]
-    return ids, M3Output(dense=dense, sparse=sparse, colbert=colbert), texts, metas
-
-
-def queries(n: int, seed: int = 1) -> list[M3Embedding]:
-    rng = np.random.default_rng(seed)
-    return [
-        M3Embedding(
-            dense=unit(rng.normal(size=DIM)),
-            sparse=sparse_row(rng, 20),
-            colbert=unit(rng.normal(size=(32, DIM))),
-        )
-        for _ in range(n)
-    ]
-
-
-def median_ms(samples: list[float]) -> float:
-    return 1000 * statistics.median(samples)
-
-
 def read(points) -> list:
     """What a caller does with raw results: read each hit's id, score and payload."""
     points = getattr(points, "points", points)
     return [(p.id, p.score, p.payload) for p in points]
-
-
-def interleaved(
-    adapter: Callable[[M3Embedding], object], raw: Callable[[M3Embedding], object], qs, warmup=2
-):
-    for q in qs[:warmup]:
-        adapter(q)
-        raw(q)
-    a, r = [], []
-    for q in qs:
-        t = time.perf_counter()
-        raw(q)
-        r.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        adapter(q)
-        a.append(time.perf_counter() - t)
-    return median_ms(a), median_ms(r)
 
 
 # --- hand-written raw requests ------------------------------------------------------------------
@@ -397,7 +337,7 @@ def main() -> None:
     args = parser.parse_args()
 
     t0 = time.perf_counter()
-    data = corpus(args.docs)
+    data = corpus(args.docs, colbert_rows=(60, 140))
     qs = queries(args.queries)
     print(
         f"{args.docs} docs: dense {DIM}, ~100 sparse tokens, 60-140 x {DIM} ColBERT rows; "
