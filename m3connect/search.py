@@ -12,7 +12,7 @@ their hits the same per-representation scores.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,31 +51,6 @@ def exact_scores(query: M3Embedding, embeddings: Sequence[M3Embedding], part: st
     else:
         raise ValueError(f"unknown representation {part!r}")
     return [float(v) for v in values]
-
-
-def complete_scores(
-    query: M3Embedding,
-    table: ScoreTable,
-    ids: Sequence[DocId],
-    parts: Sequence[str],
-    fetch: FetchEmbeddings,
-) -> None:
-    """Fill ``table`` with the exact ``parts`` scores of ``ids``, fetching only what is missing."""
-    missing_parts = [p for p in parts if any(p not in table.get(i, {}) for i in ids)]
-    if not missing_parts:
-        return
-    missing_ids = [i for i in ids if any(p not in table.get(i, {}) for p in missing_parts)]
-    fetched = fetch(missing_ids, missing_parts)
-    lost = [i for i in missing_ids if i not in fetched]
-    if lost:
-        raise StoreError(f"documents {lost[:5]!r} vanished from the store during the search")
-    for part in missing_parts:
-        need = [i for i in missing_ids if part not in table.get(i, {})]
-        if not need:
-            continue
-        values = exact_scores(query, [fetched[i] for i in need], part)
-        for doc_id, value in zip(need, values, strict=True):
-            table.setdefault(doc_id, {})[part] = value
 
 
 @dataclass
@@ -198,64 +173,59 @@ def scores_from_embeddings(query: M3Embedding, fetch: FetchEmbeddings) -> ScoreM
     return score
 
 
-def run_search(
-    query: M3Embedding,
-    params: SearchParams,
-    leg_search: LegSearch,
-    fetch: FetchEmbeddings | None = None,
-    *,
-    score_missing: ScoreMissing | None = None,
-    fused_search: Callable[[int], tuple[Sequence[tuple[DocId, float]], ScoreTable]] | None = None,
-) -> list[ScoredId]:
-    """The contract's answer: legs, fusion, re-rank, top ``k``, with per-part exact scores.
-
-    Missing scores come from ``score_missing`` or, by default, from the core on the vectors
-    that ``fetch`` returns. With ``fused_search`` the database's fused ranking replaces legs
-    and fusion.
-    """
-    if score_missing is None:
-        if fetch is None:
-            raise ValueError("run_search needs fetch or score_missing")
-        score_missing = scores_from_embeddings(query, fetch)
-    steps = search_steps(query, params, fused_in_server=fused_search is not None)
-    answer: Any = None
-    try:
-        while True:
-            step = steps.send(answer)
-            if isinstance(step, LegStep):
-                answer = leg_search(step.leg, step.limit)
-            elif isinstance(step, ScoreStep):
-                answer = score_missing(step.ids, step.parts)
-            else:
-                answer = fused_search(step.limit)  # type: ignore[misc]
-    except StopIteration as done:
-        return done.value
-
-
-async def run_search_async(
-    query: M3Embedding,
-    params: SearchParams,
-    leg_search: Callable[[str, int], Awaitable[Sequence[tuple[DocId, float]]]],
-    score_missing: Callable[
-        [Sequence[DocId], Sequence[str]], Awaitable[Mapping[DocId, Mapping[str, float]]]
-    ],
-    fused_search: Callable[[int], Awaitable[tuple[Sequence[tuple[DocId, float]], ScoreTable]]]
+def drive_steps(
+    steps: SearchSteps,
+    leg: Callable[[str, int], Generator[Any, Any, Sequence[tuple[DocId, float]]]],
+    score: Callable[[Sequence[DocId], Sequence[str]], Generator[Any, Any, ScoreTable]],
+    fused: Callable[[int], Generator[Any, Any, tuple[Sequence[tuple[DocId, float]], ScoreTable]]]
     | None = None,
-) -> list[ScoredId]:
-    """:func:`run_search` for async stores."""
-    steps = search_steps(query, params, fused_in_server=fused_search is not None)
+) -> Generator[Any, Any, list[ScoredId]]:
+    """Answer the pipeline's questions with a store's own generator-based I/O.
+
+    Each handler is a generator function: what it yields (the store's requests) passes through
+    to the store's driver, sync or async, and what it returns answers the step.
+    """
     answer: Any = None
-    try:
-        while True:
+    while True:
+        try:
             step = steps.send(answer)
-            if isinstance(step, LegStep):
-                answer = await leg_search(step.leg, step.limit)
-            elif isinstance(step, ScoreStep):
-                answer = await score_missing(step.ids, step.parts)
-            else:
-                answer = await fused_search(step.limit)  # type: ignore[misc]
+        except StopIteration as done:
+            return done.value
+        if isinstance(step, LegStep):
+            answer = yield from leg(step.leg, step.limit)
+        elif isinstance(step, ScoreStep):
+            answer = yield from score(step.ids, step.parts)
+        else:
+            if fused is None:
+                raise ValueError("the pipeline asked for a server-side fusion nobody provides")
+            answer = yield from fused(step.limit)
+
+
+def run_search(
+    query: M3Embedding, params: SearchParams, leg_search: LegSearch, fetch: FetchEmbeddings
+) -> list[ScoredId]:
+    """The contract's answer for a store whose calls return at once: legs from
+    ``leg_search``, missing scores from the core on the vectors that ``fetch`` returns."""
+    driver = drive_steps(
+        search_steps(query, params),
+        _returning(leg_search),
+        _returning(scores_from_embeddings(query, fetch)),
+    )
+    try:
+        next(driver)
     except StopIteration as done:
         return done.value
+    raise AssertionError("plain functions make no requests")  # pragma: no cover
+
+
+def _returning(function: Callable[..., Any]) -> Callable[..., Generator[Any, Any, Any]]:
+    """``function`` as a handler for :func:`drive_steps` that makes no request."""
+
+    def handler(*args: Any) -> Generator[Any, Any, Any]:
+        return function(*args)
+        yield  # pragma: no cover - makes this a generator function
+
+    return handler
 
 
 def fuse_rankings(
@@ -275,19 +245,3 @@ def fuse_rankings(
         [{doc_id: table[doc_id][leg] for doc_id in candidates} for leg, _ in legs],
         [w for _, w in legs],
     )
-
-
-def fuse(
-    query: M3Embedding,
-    params: SearchParams,
-    rankings: Sequence[Sequence[tuple[DocId, float]]],
-    table: ScoreTable,
-    fetch: FetchEmbeddings,
-) -> list[tuple[DocId, float]]:
-    """:func:`fuse_rankings`, first computing (with ``fetch``) the leg scores that weighted
-    fusion needs and ``table`` lacks."""
-    if len(rankings) > 1 and params.fusion == "weighted":
-        candidates = list(dict.fromkeys(doc_id for ranking in rankings for doc_id, _ in ranking))
-        legs = [leg for leg, w in zip(params.legs, params.leg_weights, strict=True) if w > 0]
-        complete_scores(query, table, candidates, legs, fetch)
-    return fuse_rankings(params, rankings, table)

@@ -510,6 +510,12 @@ class AsyncStoreAdapter(AsyncM3Store):
 # --- helpers shared by the adapters -----------------------------------------------------------
 
 
+def check_delete_target(ids: Sequence[DocId] | None, filter: FilterLike) -> None:
+    """``delete`` needs ids or a filter: deleting everything must be asked for explicitly."""
+    if ids is None and filter is None:
+        raise StoreError("delete needs ids or a filter (to delete everything, pass filter={})")
+
+
 def check_id(doc_id: Any) -> DocId:
     """A document id is a non-empty string or an int (not a bool)."""
     if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):

@@ -70,7 +70,7 @@ from m3connect.filters import (
 )
 from m3connect.fingerprint import ModelFingerprint
 from m3connect.scoring import colbert_scores, lexical_scores
-from m3connect.search import FusedStep, LegStep, ScoredId, ScoreTable, search_steps
+from m3connect.search import ScoredId, ScoreTable, drive_steps, search_steps
 from m3connect.store import (
     AsyncM3Store,
     Hit,
@@ -79,6 +79,7 @@ from m3connect.store import (
     Record,
     SearchParams,
     StoreError,
+    check_delete_target,
 )
 from m3connect.types import DocId, M3Embedding
 
@@ -834,8 +835,7 @@ class _ElasticsearchLogic:
             )
 
     def _g_delete(self, ids: Sequence[DocId] | None, spec: FilterLike) -> _Gen:
-        if ids is None and spec is None:
-            raise StoreError("delete needs ids or a filter (to delete everything, pass filter={})")
+        check_delete_target(ids, spec)
         node = self._parse(spec) if spec is not None else None
         if not (yield from self._g_open()):
             return
@@ -977,22 +977,19 @@ class _ElasticsearchLogic:
         """The contract's pipeline (:func:`m3connect.search.search_steps`), its questions
         answered by Elasticsearch: legs as kNN / ``sparse_vector`` searches (or one ``rrf``
         retriever), missing scores by ``script_score`` or from the stored vectors."""
+
+        def score(ids: Sequence[DocId], parts: Sequence[str]) -> _Gen:
+            table: ScoreTable = {}
+            yield from self._g_complete(q, table, ids, parts)
+            return table
+
+        def fused(limit: int) -> _Gen:
+            return ((yield from self._g_rrf_retriever(q, params, filters)), {})
+
         steps = search_steps(q.embedding, params, fused_in_server=self._use_server_rrf(params))
-        answer: Any = None
-        while True:
-            try:
-                step = steps.send(answer)
-            except StopIteration as done:
-                scored: list[ScoredId] = done.value
-                break
-            if isinstance(step, LegStep):
-                answer = yield from self._g_leg(q, step.leg, step.limit, filters)
-            elif isinstance(step, FusedStep):
-                answer = ((yield from self._g_rrf_retriever(q, params, filters)), {})
-            else:
-                table: ScoreTable = {}
-                yield from self._g_complete(q, table, step.ids, step.parts)
-                answer = table
+        scored: list[ScoredId] = yield from drive_steps(
+            steps, lambda leg, limit: self._g_leg(q, leg, limit, filters), score, fused
+        )
         sources = yield from self._g_complete(q, {}, [s.id for s in scored], [], hydrate=True)
         return [
             Hit(

@@ -16,7 +16,15 @@ import numpy as np
 from m3connect.filters import Filter, FilterLike, RawFilter, matches, parse_filter
 from m3connect.scoring import colbert_scores, dense_scores, lexical_scores
 from m3connect.search import run_search
-from m3connect.store import Hit, M3Store, Record, SearchParams, StoreError, check_id
+from m3connect.store import (
+    Hit,
+    M3Store,
+    Record,
+    SearchParams,
+    StoreError,
+    check_delete_target,
+    check_id,
+)
 from m3connect.types import DocId, M3Embedding, M3Output
 
 
@@ -75,8 +83,7 @@ class InMemoryStore(M3Store):
         return records
 
     def delete(self, ids: Sequence[DocId] | None = None, *, filter: FilterLike = None) -> None:
-        if ids is None and filter is None:
-            raise StoreError("delete needs ids or a filter (to delete everything, pass filter={})")
+        check_delete_target(ids, filter)
         node = self._filter(filter) if filter is not None else None
         doomed = set()
         if ids is not None:

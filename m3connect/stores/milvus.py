@@ -89,13 +89,7 @@ from m3connect.filters import (
 )
 from m3connect.fingerprint import ModelFingerprint
 from m3connect.scoring import colbert_scores
-from m3connect.search import (
-    FusedStep,
-    LegStep,
-    ScoredId,
-    scores_from_embeddings,
-    search_steps,
-)
+from m3connect.search import ScoredId, drive_steps, scores_from_embeddings, search_steps
 from m3connect.store import (
     AsyncM3Store,
     Hit,
@@ -105,6 +99,7 @@ from m3connect.store import (
     SearchParams,
     StoreBase,
     StoreError,
+    check_delete_target,
 )
 from m3connect.types import DocId, M3Embedding, M3Output
 
@@ -974,8 +969,7 @@ class _MilvusCore(StoreBase):
         return [row[PK] for row in rows]
 
     def _delete(self, ids: Sequence[DocId] | None, spec: FilterLike) -> Steps:
-        if ids is None and spec is None:
-            raise StoreError("delete needs ids or a filter (to delete everything, pass filter={})")
+        check_delete_target(ids, spec)
         pks = list(
             dict.fromkeys(
                 encode_pk(i)
@@ -1219,21 +1213,16 @@ class _Search:
         """The core pipeline (:func:`m3connect.search.search_steps`), its questions answered
         by Milvus: legs as searches (or one ``hybrid_search`` with RRF), missing scores from
         the stored vectors."""
+
+        def leg(name: str, limit: int) -> Steps:
+            yield from self._leg(name, limit)
+            return self.legs[name][:limit]
+
+        def fused(limit: int) -> Steps:
+            return ((yield from self._hybrid_rrf()), {})
+
         steps = search_steps(self.query, self.params, fused_in_server=self._server_rrf())
-        answer: Any = None
-        while True:
-            try:
-                step = steps.send(answer)
-            except StopIteration as done:
-                scored: list[ScoredId] = done.value
-                break
-            if isinstance(step, LegStep):
-                yield from self._leg(step.leg, step.limit)
-                answer = self.legs[step.leg][: step.limit]
-            elif isinstance(step, FusedStep):
-                answer = ((yield from self._hybrid_rrf()), {})
-            else:
-                answer = yield from self._scores(step.ids, step.parts)
+        scored: list[ScoredId] = yield from drive_steps(steps, leg, self._scores, fused)
         pks = [encode_pk(s.id) for s in scored]
         yield from self.store._load(self.docs, pks, [TEXT, TEXT_MORE, METADATA])
         hits = []

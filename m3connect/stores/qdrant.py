@@ -97,6 +97,7 @@ from m3connect.store import (
     SearchParams,
     StoreBase,
     StoreError,
+    check_delete_target,
 )
 from m3connect.types import DocId, M3Embedding, M3Output
 
@@ -1331,8 +1332,7 @@ class QdrantStore(_ClientStoreBase, M3Store):
     def delete(self, ids: Sequence[DocId] | None = None, *, filter: FilterLike = None) -> None:
         from qdrant_client import models
 
-        if ids is None and filter is None:
-            raise StoreError("delete needs ids or a filter (to delete everything, pass filter={})")
+        check_delete_target(ids, filter)
         if not self._ensure():
             return
         if ids is not None:
@@ -1494,8 +1494,7 @@ class AsyncQdrantStore(_ClientStoreBase, AsyncM3Store):
     ) -> None:
         from qdrant_client import models
 
-        if ids is None and filter is None:
-            raise StoreError("delete needs ids or a filter (to delete everything, pass filter={})")
+        check_delete_target(ids, filter)
         if not await self._ensure():
             return
         if ids is not None:
@@ -1648,8 +1647,7 @@ class QdrantEdgeStore(_QdrantBase, M3Store):
         return self._records(ids, found, with_vectors)
 
     def delete(self, ids: Sequence[DocId] | None = None, *, filter: FilterLike = None) -> None:
-        if ids is None and filter is None:
-            raise StoreError("delete needs ids or a filter (to delete everything, pass filter={})")
+        check_delete_target(ids, filter)
         if not self._ensure():
             return
         ops = self._dialect.e.UpdateOperation
