@@ -19,8 +19,13 @@ the real model, which is what the tests check.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import math
+import os
+import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -277,3 +282,46 @@ def build_random_checkpoint(
         {k: v.detach().clone() for k, v in sparse.state_dict().items()}, out / "sparse_linear.pt"
     )
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# What the integration packages' test suites share
+# --------------------------------------------------------------------------------------------
+
+#: Names a checkpoint folder (or hub id) for test suites to use instead of the random one,
+#: e.g. a local copy of ``BAAI/bge-m3``.
+CHECKPOINT_ENV = "M3CONNECT_TEST_CHECKPOINT"
+
+#: A small multilingual corpus with metadata of every filterable type, for tests and examples.
+EXAMPLE_TEXTS = [
+    "Dense retrieval encodes the query and the passage into one vector and compares them.",
+    "Sparse retrieval gives each token a weight, and the lexical score sums shared tokens.",
+    "Multi vector retrieval keeps one vector per token and scores with late interaction.",
+    "A hybrid system combines dense, sparse and multi vector scores into one ranking.",
+    "What is the capital of France? Paris is the capital and largest city of France.",
+    "How many people live in Seoul? About ten million people live in the city of Seoul.",
+    "Die Hauptstadt von Deutschland ist Berlin; München liegt im Süden des Landes.",
+    "北京是中国的首都，上海是中国最大的城市之一。",
+]
+EXAMPLE_METADATAS = [
+    {"lang": "en", "topic": "retrieval", "year": 2021},
+    {"lang": "en", "topic": "retrieval", "year": 2022},
+    {"lang": "en", "topic": "retrieval", "year": 2023},
+    {"lang": "en", "topic": "retrieval", "year": 2024, "tags": ["hybrid", "fusion"]},
+    {"lang": "en", "topic": "geo", "year": 2015},
+    {"lang": "en", "topic": "geo", "year": 2016},
+    {"lang": "de", "topic": "geo", "year": 2017},
+    {"lang": "zh", "topic": "geo", "year": 2018},
+]
+
+
+@functools.cache
+def checkpoint_for_tests() -> str:
+    """``$M3CONNECT_TEST_CHECKPOINT``, or a random checkpoint built once per process in a
+    temporary folder (removed at exit)."""
+    configured = os.environ.get(CHECKPOINT_ENV)
+    if configured:
+        return configured
+    folder = Path(tempfile.mkdtemp(prefix="m3connect-random-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return str(build_random_checkpoint(folder))

@@ -6,50 +6,18 @@ local copy of ``BAAI/bge-m3``.
 
 from __future__ import annotations
 
-import atexit
 import functools
-import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from m3connect.encoder import M3Encoder
-from m3connect.testing import build_random_checkpoint
+from m3connect.testing import EXAMPLE_METADATAS as METADATAS
+from m3connect.testing import EXAMPLE_TEXTS as TEXTS
+from m3connect.testing import checkpoint_for_tests
 
-CHECKPOINT_ENV = "M3CONNECT_TEST_CHECKPOINT"
+__all__ = ["METADATAS", "TEXTS", "checkpoint_path", "shared_encoder"]
 
-TEXTS = [
-    "Dense retrieval encodes the query and the passage into one vector and compares them.",
-    "Sparse retrieval gives each token a weight, and the lexical score sums shared tokens.",
-    "Multi vector retrieval keeps one vector per token and scores with late interaction.",
-    "A hybrid system combines dense, sparse and multi vector scores into one ranking.",
-    "What is the capital of France? Paris is the capital and largest city of France.",
-    "How many people live in Seoul? About ten million people live in the city of Seoul.",
-    "Die Hauptstadt von Deutschland ist Berlin; München liegt im Süden des Landes.",
-    "北京是中国的首都，上海是中国最大的城市之一。",
-]
-METADATAS = [
-    {"lang": "en", "topic": "retrieval", "year": 2021},
-    {"lang": "en", "topic": "retrieval", "year": 2022},
-    {"lang": "en", "topic": "retrieval", "year": 2023},
-    {"lang": "en", "topic": "retrieval", "year": 2024, "tags": ["hybrid", "fusion"]},
-    {"lang": "en", "topic": "geo", "year": 2015},
-    {"lang": "en", "topic": "geo", "year": 2016},
-    {"lang": "de", "topic": "geo", "year": 2017},
-    {"lang": "zh", "topic": "geo", "year": 2018},
-]
-
-
-@functools.cache
-def checkpoint_path() -> str:
-    configured = os.environ.get(CHECKPOINT_ENV)
-    if configured:
-        return configured
-    folder = Path(tempfile.mkdtemp(prefix="m3connect-random-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return str(build_random_checkpoint(folder))
+checkpoint_path = checkpoint_for_tests
 
 
 @functools.cache
