@@ -214,7 +214,11 @@ def drop_collection(uri: str | StoreURI) -> None:
             dropper(client, parsed.collection)
             return
         # The collection and what the adapter keeps beside it (the fingerprint lives inside).
-        if parsed.kind == "qdrant":
+        if parsed.kind == "qdrant-edge":
+            from m3connect.stores.qdrant import QdrantEdgeStore
+
+            QdrantEdgeStore.drop(parsed.edge_path())
+        elif parsed.kind == "qdrant":
             if client.collection_exists(parsed.collection):
                 client.delete_collection(parsed.collection)
         elif parsed.kind == "milvus":
@@ -469,6 +473,12 @@ class IndexJob:
                         summary.encode_seconds += time.perf_counter() - started
                         self._write(targets, work, output)
                     self._account(summary, work, bar)
+            # Deferred store work (qdrant-edge: flush + segment optimizer) once per job.
+            started = time.perf_counter()
+            for target in targets:
+                if _is_driver_writer(self, target):
+                    target.store.finish()
+            summary.write_seconds += time.perf_counter() - started
         except BaseException as exc:
             summary.stopped = _describe(exc)
             raise

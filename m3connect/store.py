@@ -392,6 +392,10 @@ class M3Store(StoreBase, ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the database connection, if the store owns one."""
 
+    def finish(self) -> None:  # noqa: B027 - optional hook
+        """The end of a write job (the indexing job calls it once): where a store defers work
+        (flushing, segment optimization), it does it now instead of on every ``add``."""
+
     def __enter__(self) -> M3Store:
         return self
 

@@ -3,6 +3,8 @@
 =================================== =========================================================
 ``memory:``                         a new in-memory reference store (gone when the process ends)
 ``memory:#name``                    an in-memory store shared by name within one process
+``qdrant-edge:./path``              qdrant-edge: the Qdrant engine in this process, on disk
+                                    (memory-mapped) under ``./path/<collection>``
 ``qdrant:./path``                   Qdrant local mode (qdrant-client), files under ``./path``
 ``qdrant::memory:``                 Qdrant local mode in memory
 ``qdrant+http://host:6333/coll``    a Qdrant server (``qdrant+https://`` with TLS)
@@ -12,8 +14,8 @@
 =================================== =========================================================
 
 The collection (index) is the URL path or a ``#name`` fragment; without one it is
-``m3connect``. ``qdrant:`` and ``milvus:`` without a path mean the embedded default files
-``./m3connect.qdrant`` and ``./m3connect.db``. Store options go in the query string:
+``m3connect``. ``qdrant-edge:``, ``qdrant:`` and ``milvus:`` without a path mean the embedded
+default places ``./m3connect.edge``, ``./m3connect.qdrant`` and ``./m3connect.db``. Store options go in the query string:
 ``?colbert_dtype=float16&max_colbert_vectors=2048``.
 
 Credentials never go in a URI (it would be in shell histories and logs); they come from the
@@ -54,17 +56,18 @@ __all__ = [
 DEFAULT_COLLECTION = "m3connect"
 DEFAULT_QDRANT_PATH = "./m3connect.qdrant"
 DEFAULT_MILVUS_PATH = "./m3connect.db"
-#: The store used when none is named: Qdrant local mode in ``./m3connect.qdrant``. Of the two
-#: embedded stores it is the more exact and the cheaper to write: every search is brute force
-#: and the ColBERT vectors are a native multivector scored by MaxSim, where Milvus Lite has no
-#: multivector field (one companion row per token vector, an exact search in rounds) and
-#: writes about three times slower (benchmarks/bench_indexing.py). Local mode is pure Python:
-#: fine up to some ten thousand chunks; beyond, use a server (or qdrant-edge).
-DEFAULT_STORE_URI = f"qdrant:{DEFAULT_QDRANT_PATH}"
+DEFAULT_EDGE_PATH = "./m3connect.edge"
+#: The store used when none is named: qdrant-edge in ``./m3connect.edge``, the real Qdrant engine
+#: in this process. Its vectors are memory-mapped files (RAM stays bounded as the collection
+#: grows), searches and ColBERT MaxSim run in the engine, and it ingests at the engine's rate
+#: (benchmarks/bench_scale.py and the README's "Which embedded store"). Qdrant local mode
+#: (``qdrant:``) is pure Python, for files that ``QdrantClient(path=...)`` already wrote.
+DEFAULT_STORE_URI = f"qdrant-edge:{DEFAULT_EDGE_PATH}"
 
-KINDS = ("memory", "qdrant", "milvus", "elasticsearch")
+KINDS = ("memory", "qdrant-edge", "qdrant", "milvus", "elasticsearch")
 _SCHEMES = {
     "memory": ("memory", False),
+    "qdrant-edge": ("qdrant-edge", False),
     "qdrant": ("qdrant", False),
     "qdrant+http": ("qdrant", True),
     "qdrant+https": ("qdrant", True),
@@ -79,7 +82,7 @@ _SCHEMES = {
 _OPTIONS = {"colbert_dtype": str, "max_colbert_vectors": int}
 _COLLECTION_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
 _EXAMPLES = (
-    "memory:, qdrant:./path, qdrant+http://host:6333/collection, milvus:./m3.db, "
+    "memory:, qdrant-edge:./path, qdrant:./path, qdrant+http://host:6333/collection, milvus:./m3.db, "
     "milvus+http://host:19530/collection, es+http://host:9200/index"
 )
 
@@ -128,6 +131,10 @@ class StoreURI:
     def __repr__(self) -> str:
         return f"StoreURI({str(self)!r})"
 
+    def edge_path(self) -> Path:
+        """The shard folder of a ``qdrant-edge:`` URI: ``<path>/<collection>``."""
+        return Path(self.location).expanduser() / self.collection
+
     def credentials_description(self) -> str:
         """Where the credentials come from, for logs (never their values)."""
         names = [n for n in CREDENTIAL_ENV.get(self.kind, ()) if os.environ.get(n)]
@@ -136,8 +143,9 @@ class StoreURI:
     # --- connecting ------------------------------------------------------------------------
 
     def connect(self) -> Any:
-        """A new database client for this URI (``None`` for ``memory:``)."""
-        if self.kind == "memory":
+        """A new database client for this URI (``None`` for ``memory:`` and ``qdrant-edge:``,
+        whose store opens its shard itself)."""
+        if self.kind in ("memory", "qdrant-edge"):
             return None
         if self.kind == "qdrant":
             try:
@@ -193,6 +201,10 @@ class StoreURI:
 
             return InMemoryStore
         try:
+            if self.kind == "qdrant-edge":
+                from m3connect.stores.qdrant import QdrantEdgeStore
+
+                return QdrantEdgeStore
             if self.kind == "qdrant":
                 from m3connect.stores.qdrant import QdrantStore
 
@@ -265,7 +277,8 @@ def parse_store_uri(text: str | StoreURI) -> StoreURI:
             # memory: is a new store each time it is opened; memory:#name is shared by name.
             collection = _collection(fragment, raw) if fragment else ""
             return StoreURI("memory", "", collection, False, options=options)
-        location = rest or (DEFAULT_QDRANT_PATH if kind == "qdrant" else DEFAULT_MILVUS_PATH)
+        defaults = {"qdrant": DEFAULT_QDRANT_PATH, "qdrant-edge": DEFAULT_EDGE_PATH}
+        location = rest or defaults.get(kind, DEFAULT_MILVUS_PATH)
         if location.startswith("//"):
             raise UriError(
                 f"{scheme}: takes a path ({scheme}:./path or {scheme}:/abs/path); for a server "
@@ -336,6 +349,9 @@ def open_store(
                 store.fingerprint = fingerprint
         # Closing an in-memory store does nothing: a named one outlives its handles.
         return StoreHandle(parsed, store, None)
+    if parsed.kind == "qdrant-edge":
+        # One shard per collection, in its own folder under the URI's path.
+        return StoreHandle(parsed, cls(parsed.edge_path(), encoder, **kwargs), None)
     client = parsed.connect()
     try:
         store = cls(client, parsed.collection, encoder, **kwargs)  # type: ignore[call-arg]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 from store_contract import FINGERPRINT, OTHER_FINGERPRINT, synthetic_embeddings
@@ -27,6 +28,9 @@ SECRET = "s3cr3t-value-never-logged"
     [
         ("memory:", "memory", "", "", False),
         ("memory:#shared", "memory", "", "shared", False),
+        ("qdrant-edge:./data/e", "qdrant-edge", "./data/e", DEFAULT_COLLECTION, False),
+        ("qdrant-edge:/abs/e#docs", "qdrant-edge", "/abs/e", "docs", False),
+        ("qdrant-edge:", "qdrant-edge", "./m3connect.edge", DEFAULT_COLLECTION, False),
         ("qdrant:./data/q", "qdrant", "./data/q", DEFAULT_COLLECTION, False),
         ("qdrant:./data/q#docs", "qdrant", "./data/q", "docs", False),
         ("qdrant:", "qdrant", "./m3connect.qdrant", DEFAULT_COLLECTION, False),
@@ -69,9 +73,10 @@ def test_parse(text: str, kind: str, location: str, collection: str, remote: boo
     assert parse_store_uri(str(uri)) == uri
 
 
-def test_default_store_is_embedded_qdrant() -> None:
+def test_default_store_is_embedded_qdrant_edge() -> None:
     uri = parse_store_uri(DEFAULT_STORE_URI)
-    assert uri.kind == "qdrant" and uri.embedded and uri.collection == DEFAULT_COLLECTION
+    assert uri.kind == "qdrant-edge" and uri.embedded and uri.collection == DEFAULT_COLLECTION
+    assert uri.edge_path() == Path("./m3connect.edge") / DEFAULT_COLLECTION
 
 
 def test_milvus_database_and_options() -> None:

@@ -1152,8 +1152,12 @@ class _EdgeDialect(_Dialect):
             hnsw_config=None
             if store.colbert_hnsw
             else e.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000),
+            # The ColBERT matrices are most of the bytes (128 x 1024 per chunk): memory-mapped
+            # and not preloaded, so RAM does not grow with the shard.
+            memory=e.Memory.Cold,
         )
         return e.EdgeConfig(
+            payload_memory=e.Memory.Cold,
             vectors={
                 store.names["dense"]: e.EdgeVectorParams(fp.dense_dim, e.Distance.Dot),
                 store.names["colbert"]: colbert,
@@ -1543,13 +1547,24 @@ class QdrantEdgeStore(_QdrantBase, M3Store):
     """A BGE-M3 store in a ``qdrant_edge.EdgeShard``: the Qdrant engine in this process.
 
     ``path`` is the shard's folder: loaded (and checked) when it holds a shard, else created on
-    the first write (or now, when the fingerprint is known). A shard opens once per process:
-    pass an already open one as ``shard=`` to make a second store over it. The fingerprint is
-    kept in a reserved point. Options as for :class:`QdrantStore`.
+    the first write (or now, when the fingerprint is known). The ColBERT vectors and payloads
+    are memory-mapped files (``Memory.Cold``): RAM stays bounded as the shard grows, the page
+    cache holds what searches touch.
+
+    An embedded shard has one writer: the store holds an exclusive lock on
+    ``<path>/.m3connect.lock`` while it is open, and a second process (or a second store in
+    this one) gets a :class:`StoreError` naming the path instead of a half-opened shard. To make
+    a second store over an open shard, pass it as ``shard=`` (no lock is taken then).
+
+    Writes go to the engine in requests of about ``batch_max_floats`` vector components
+    (``batch_size`` points at most) with no flush per call; :meth:`finish` (called by the
+    indexing job at its end, and by :meth:`close`) flushes and runs the segment optimizer once.
+    The fingerprint is kept in a reserved point. Options as for :class:`QdrantStore`.
     """
 
     _dialect: _EdgeDialect
     CONFIG_FILE = "edge_config.json"
+    LOCK_FILE = ".m3connect.lock"
 
     def __init__(
         self,
@@ -1560,11 +1575,29 @@ class QdrantEdgeStore(_QdrantBase, M3Store):
         **options: Any,
     ) -> None:
         self.path = Path(path)
+        # A writer sends large requests: the engine takes them whole (no 32 MB request limit
+        # as on a server), and each request has a fixed cost (a WAL record, a segment lock).
+        options.setdefault("batch_size", 1024)
+        options.setdefault("batch_max_floats", _EDGE_REQUEST_FLOATS)
         super().__init__(str(self.path), encoder, **options)
         self._dialect = _EdgeDialect()
         self.shard = shard
         self._owns_shard = shard is None
-        self._attach()
+        self._lock_file: Any = None
+        #: Points written since the last :meth:`finish` (it optimizes only after writes).
+        self._dirty = False
+        if self._owns_shard:
+            self._lock_file = _lock_shard(self.path, self._where())
+        try:
+            self._attach()
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing the file releases the lock
+            self._lock_file = None
 
     def _where(self) -> str:
         return f"Qdrant edge shard {str(self.path)!r}"
@@ -1632,6 +1665,7 @@ class QdrantEdgeStore(_QdrantBase, M3Store):
             self._fingerprint_known = True
             self._attach()
         upsert = self._dialect.e.UpdateOperation.upsert_points
+        self._dirty = True
         for rows in self._chunks(batch):
             self.shard.update(upsert(self._points(batch, rows)))
 
@@ -1683,8 +1717,70 @@ class QdrantEdgeStore(_QdrantBase, M3Store):
         if self.shard is not None:
             self.shard.flush()
 
+    def finish(self) -> None:
+        """The end of a write job: flush to disk and run the segment optimizer once (it builds
+        the dense HNSW graph and merges segments), so that searches that follow are fast."""
+        if self.shard is None or not self._dirty:
+            return
+        self.shard.flush()
+        self.shard.optimize()
+        self._dirty = False
+
     def close(self) -> None:
-        if self.shard is not None and self._owns_shard:
-            self.shard.close()
-            self.shard = None
-            self._ready = False
+        try:
+            if self.shard is not None and self._owns_shard:
+                if self._dirty:
+                    self.shard.flush()
+                self.shard.close()
+                self.shard = None
+                self._ready = False
+        finally:
+            self._release_lock()
+
+    @classmethod
+    def drop(cls, path: str | Path) -> None:
+        """Delete the shard in ``path`` (its whole folder); refused while a store has it open."""
+        import shutil
+
+        path = Path(path)
+        if not path.exists():
+            return
+        lock = _lock_shard(path, f"Qdrant edge shard {str(path)!r}")
+        try:
+            for child in path.iterdir():
+                if child.name == cls.LOCK_FILE:
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        finally:
+            lock.close()
+
+
+#: Vector components per edge write request (float32: 64 MB): one request carries dozens of
+#: 128 x 1024 ColBERT matrices.
+_EDGE_REQUEST_FLOATS = 16_000_000
+
+
+def _lock_shard(path: Path, where: str) -> Any:
+    """Take the exclusive lock of an embedded shard (the open lock file; closing it releases)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / QdrantEdgeStore.LOCK_FILE, "a+b")  # noqa: SIM115 - held while open
+    except OSError as exc:
+        raise StoreError(f"cannot open {where}: {exc}") from None
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the engine's own WAL lock still refuses a second writer
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise StoreError(
+            f"{where} is open in another process (or another store of this one): an embedded "
+            "store has one writer. Close the other one, or use a Qdrant server for several "
+            "processes."
+        ) from None
+    return handle

@@ -1,0 +1,145 @@
+"""qdrant-edge as a store URI and the embedded default: one shard folder per collection, one
+writer (a second process gets one clear error and the shard stays whole), the job's end hook."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from store_contract import FINGERPRINT, synthetic_embeddings, synthetic_queries
+
+from m3connect.indexing import IndexJob, drop_collection
+from m3connect.store import StoreError
+from m3connect.stores.memory import InMemoryStore
+from m3connect.uris import DEFAULT_STORE_URI, open_store, parse_store_uri
+
+pytest.importorskip("qdrant_edge")
+
+from m3connect.stores.qdrant import QdrantEdgeStore  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fill(store, n: int = 32, seed: int = 5) -> list[str]:  # type: ignore[no-untyped-def]
+    ids = [f"d{i}" for i in range(n)]
+    store.add(ids, synthetic_embeddings(n, seed=seed), [f"text {i}" for i in ids])
+    return ids
+
+
+def test_edge_uri_opens_a_shard_per_collection(tmp_path: Path) -> None:
+    uri = f"qdrant-edge:{tmp_path / 'edge'}#docs"
+    assert parse_store_uri(uri).edge_path() == tmp_path / "edge" / "docs"
+    with open_store(uri, fingerprint=FINGERPRINT) as handle:
+        assert isinstance(handle.store, QdrantEdgeStore)
+        ids = fill(handle.store)
+        embeddings = synthetic_embeddings(len(ids), seed=5)
+        query = synthetic_queries(embeddings)[0]
+        expected = [h.id for h in handle.store.search(query, mode="hybrid", k=5)]
+    assert (tmp_path / "edge" / "docs" / QdrantEdgeStore.CONFIG_FILE).exists()
+    # Reopened (fingerprint from the shard), the same documents and the same answers.
+    with open_store(uri) as handle:
+        assert handle.store.count() == len(ids)
+        assert [h.id for h in handle.store.search(query, mode="hybrid", k=5)] == expected
+    # Another collection is another shard, empty.
+    with open_store(f"qdrant-edge:{tmp_path / 'edge'}#other", fingerprint=FINGERPRINT) as h:
+        assert h.store.count() == 0
+
+
+def test_second_process_gets_one_clear_error_and_nothing_breaks(tmp_path: Path) -> None:
+    uri = f"qdrant-edge:{tmp_path / 'edge'}"
+    shard = parse_store_uri(uri).edge_path()
+    handle = open_store(uri, fingerprint=FINGERPRINT)
+    ids = fill(handle.store)
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        from m3connect.store import StoreError
+        from m3connect.uris import open_store
+        try:
+            open_store({uri!r})
+        except StoreError as exc:
+            print(json.dumps({{"error": str(exc)}}))
+            sys.exit(3)
+        print(json.dumps({{"error": None}}))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 3, done.stderr
+    message = json.loads(done.stdout)["error"]
+    assert str(shard) in message and "one writer" in message
+    assert "\n" not in message
+    # The first store still works, and the shard is whole after it closes.
+    more = fill(handle.store, n=3, seed=9)
+    assert handle.store.count() == len(set(ids) | set(more))
+    handle.close()
+    with open_store(uri) as again:
+        assert again.store.count() == len(set(ids) | set(more))
+
+
+def test_second_store_in_one_process_and_drop_are_refused_while_open(tmp_path: Path) -> None:
+    store = QdrantEdgeStore(tmp_path / "s", fingerprint=FINGERPRINT)
+    fill(store)
+    with pytest.raises(StoreError, match="one writer"):
+        QdrantEdgeStore(tmp_path / "s")
+    with pytest.raises(StoreError, match="one writer"):
+        drop_collection(f"qdrant-edge:{tmp_path}#s")
+    assert store.count() == 32
+    store.close()
+    drop_collection(f"qdrant-edge:{tmp_path}#s")
+    with QdrantEdgeStore(tmp_path / "s", fingerprint=FINGERPRINT) as fresh:
+        assert fresh.count() == 0
+
+
+def test_finish_flushes_and_optimizes_once_with_the_same_answers(tmp_path: Path) -> None:
+    store = QdrantEdgeStore(tmp_path / "s", fingerprint=FINGERPRINT, colbert_dtype="float16")
+    ids = fill(store, n=40)
+    query = synthetic_queries(synthetic_embeddings(len(ids), seed=5))[1]
+    before = store.search(query, mode="hybrid", rerank="all", k=8)
+    store.finish()
+    assert not store._dirty
+    after = store.search(query, mode="hybrid", rerank="all", k=8)
+    assert [(h.id, h.score) for h in after] == [(h.id, h.score) for h in before]
+    store.close()
+
+
+class FinishCounting(InMemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.finished = 0
+        self.adds_after_finish = 0
+
+    def add(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.adds_after_finish += self.finished
+        return super().add(*args, **kwargs)
+
+    def finish(self) -> None:
+        self.finished += 1
+
+
+def test_index_job_calls_the_end_hook_once_after_all_writes(m3_encoder, tmp_path: Path) -> None:
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(
+        "".join(
+            json.dumps({"_id": f"d{i}", "text": f"passage number {i} " * 3}) + "\n"
+            for i in range(9)
+        ),
+        encoding="utf-8",
+    )
+    store = FinishCounting()
+    summary = IndexJob(m3_encoder, [store], max_tokens=16, write_chunks=2).run(corpus)
+    assert summary.docs == 9 and store.count() == summary.chunks > 9
+    assert store.finished == 1 and store.adds_after_finish == 0
+
+
+def test_default_store_is_edge() -> None:
+    assert parse_store_uri(DEFAULT_STORE_URI).kind == "qdrant-edge"
