@@ -2,8 +2,8 @@
 
 Registered in the main group by :mod:`m3connect.cli` (``main.add_command(...)``)::
 
-    m3connect index corpus.jsonl --store qdrant:./m3connect.qdrant --store es+http://localhost:9200/docs
-    m3connect search qdrant:./m3connect.qdrant "what is the capital of France?" --rerank all
+    m3connect index corpus.jsonl --store qdrant-edge:./m3connect.edge --store es+http://localhost:9200/docs
+    m3connect search qdrant-edge:./m3connect.edge "what is the capital of France?" --rerank all
     m3connect eval ./scifact --model ./bge-m3
     m3connect demo --model ./bge-m3
 
@@ -154,7 +154,7 @@ _batch_tokens_option = click.option(
     "stores",
     multiple=True,
     metavar="URI",
-    help="Store URI, repeatable: each gets the same vectors [default: qdrant:./m3connect.qdrant]. "
+    help="Store URI, repeatable: each gets the same vectors [default: qdrant-edge:./m3connect.edge]. "
     "memory:, qdrant:PATH, qdrant+http(s)://host:6333/collection, milvus:FILE.db, "
     "milvus+http(s)://host:19530/collection, es+http(s)://host:9200/index; '#name' picks the "
     "collection. Credentials: QDRANT_API_KEY, MILVUS_TOKEN, ES_API_KEY or ES_USERNAME/ES_PASSWORD.",

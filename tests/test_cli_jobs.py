@@ -308,10 +308,11 @@ def test_demo(runner, tmp_path, m3_checkpoint, beir_dir, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = run(runner, "demo", "--model", m3_checkpoint)
     assert (
-        "indexed the sample corpus into qdrant:./m3connect.qdrant#m3connect_sample" in result.output
+        "indexed the sample corpus into qdrant-edge:./m3connect.edge#m3connect_sample"
+        in result.output
     )
     assert result.output.count("query: ") == 3
-    assert (tmp_path / "m3connect.qdrant").is_dir()  # the embedded default store
+    assert (tmp_path / "m3connect.edge" / "m3connect_sample").is_dir()  # the embedded default
     result = run(runner, "demo", "--model", m3_checkpoint)  # again: nothing to encode
     assert "0 encoded" in result.output
 

@@ -143,3 +143,58 @@ def test_index_job_calls_the_end_hook_once_after_all_writes(m3_encoder, tmp_path
 
 def test_default_store_is_edge() -> None:
     assert parse_store_uri(DEFAULT_STORE_URI).kind == "qdrant-edge"
+
+
+def test_float16_maxsim_at_bge_m3_size_is_the_engines_within_tolerance(tmp_path: Path) -> None:
+    """1024-dim unit rows: the engine's half-precision MaxSim is within 1e-4 of the float32
+    reference, so the store uses it (no ColBERT matrices come back); a dozen dimensions are
+    not, and are re-scored (the contract suite checks those answers at 1e-5)."""
+    import numpy as np
+
+    from m3connect.fingerprint import ModelFingerprint
+    from m3connect.store import SearchParams
+    from m3connect.stores.qdrant import HALF_MAXSIM_TOLERANCE
+    from m3connect.types import M3Embedding, M3Output
+
+    rng = np.random.default_rng(4)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    n, dim = 40, 1024
+    fp = ModelFingerprint("bench/m3-size", dim, dim)
+    embeddings = M3Output(
+        dense=unit(rng.normal(size=(n, dim))),
+        sparse=[{int(t): 0.1 for t in rng.choice(500, 20, replace=False)} for _ in range(n)],
+        colbert=[unit(rng.normal(size=(int(rng.integers(20, 64)), dim))) for _ in range(n)],
+    )
+    ids = [f"d{i}" for i in range(n)]
+    store = QdrantEdgeStore(tmp_path / "big", fingerprint=fp, colbert_dtype="float16")
+    reference = InMemoryStore(fingerprint=fp, colbert_dtype="float16")
+    for target in (store, reference):
+        target.add(ids, embeddings)
+    query = M3Embedding(
+        dense=unit(rng.normal(size=dim)),
+        sparse={int(t): 0.2 for t in rng.choice(500, 8, replace=False)},
+        colbert=unit(embeddings.colbert[3][:16] + 0.5 * rng.normal(size=(16, dim))),
+    )
+    for spec in (
+        {"mode": "colbert"},
+        {"mode": "hybrid", "rerank": "colbert"},
+        {"mode": "hybrid", "rerank": "all"},
+    ):
+        params = SearchParams(k=10, candidates=30, **spec)
+        plan = store._plan(params, store._query_vectors(query, params))
+        assert plan is not None and plan.recompute is None and "colbert" not in plan.fetch_parts
+        got, expected = store.search(query, params), reference.search(query, params)
+        assert [h.id for h in got] == [h.id for h in expected]
+        for a, e in zip(got, expected, strict=True):
+            assert abs(a.score - e.score) <= HALF_MAXSIM_TOLERANCE
+            assert all(abs(a.scores[p] - e.scores[p]) <= HALF_MAXSIM_TOLERANCE for p in e.scores)
+    store.close()
+    small = QdrantEdgeStore(tmp_path / "small", fingerprint=FINGERPRINT, colbert_dtype="float16")
+    fill(small)
+    q = synthetic_queries(synthetic_embeddings(32, seed=5))[0]
+    params = SearchParams(k=5, mode="colbert")
+    assert small._plan(params, small._query_vectors(q, params)).recompute == ("part", "colbert")
+    small.close()

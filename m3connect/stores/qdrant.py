@@ -118,6 +118,9 @@ _MAX_EXACT_FLOAT_INT = 2**53
 _MAX_TOKEN_ID = 2**32 - 1
 #: Extra hits asked for where the client re-sorts the engine's half-precision ColBERT ranking.
 _HALF_MARGIN = 3
+#: How far (absolute, on the mean-MaxSim score) the engine's half-precision MaxSim may be from the
+#: float32 reference and still count as exact (issue 11's rule for float16 storage).
+HALF_MAXSIM_TOLERANCE = 1e-4
 
 
 def point_id(doc_id: DocId) -> str:
@@ -280,6 +283,8 @@ class _QdrantBase(StoreBase):
         #: The engine scores the ColBERT vectors in half precision (float16 storage): it
         #: rounds the query to float16, so its MaxSim differs from the reference by ~1e-5.
         self._half_colbert = False
+        #: The largest ColBERT row norm this store wrote (BGE-M3's rows are unit vectors).
+        self._colbert_row_norm = 1.0
 
     # --- schema ---------------------------------------------------------------------------
 
@@ -435,6 +440,11 @@ class _QdrantBase(StoreBase):
         d = self._dialect
         emb = batch.embeddings
         points = []
+        for i in rows:
+            matrix = emb.colbert[i]  # type: ignore[index]
+            if len(matrix):
+                norm = float(np.sqrt(np.einsum("ij,ij->i", matrix, matrix, dtype=np.float32).max()))
+                self._colbert_row_norm = max(self._colbert_row_norm, norm)
         for i in rows:
             weights = emb.sparse[i]  # type: ignore[index]
             vectors: dict[str, Any] = {
@@ -617,7 +627,10 @@ class _QdrantBase(StoreBase):
         if self.sparse_idf:
             known.discard("sparse")  # Qdrant's IDF-weighted score is not the lexical score
         recompute = None
-        if self._half_colbert:
+        # Where the engine's half-precision MaxSim is within the tolerance for this query, it
+        # is the exact score (no vectors fetched); else the hits are re-scored here.
+        rescore_half = self._half_colbert and not self._half_maxsim_within_tolerance(qv)
+        if rescore_half:
             # The engine's MaxSim is that of the float16-rounded query: where it makes the final
             # score, score the hits exactly here, re-sort, and ask for a few more to re-sort.
             if final_part == "colbert":
@@ -635,9 +648,35 @@ class _QdrantBase(StoreBase):
                 known.discard("colbert")
                 top.limit = params.k + _HALF_MARGIN
         needed = [p for p in params.scored_parts if p not in known]
-        by_id = tuple(p for p in needed if self._score_by_id(p))
+        # A real engine's half-precision MaxSim within the tolerance is scored by id as well.
+        half_ok = self._half_colbert and not rescore_half
+        by_id = tuple(
+            p
+            for p in needed
+            if (self._score_by_id(p) or (p == "colbert" and half_ok)) and usable(p)
+        )
         fetch = tuple(p for p in needed if p not in by_id)
         return _Plan(top, final_part, scale, fetch, recompute, params.k, by_id)
+
+    def _half_maxsim_within_tolerance(self, qv: _QueryVectors) -> bool:
+        """Whether the engine's MaxSim with the query rounded to float16 stays within
+        :data:`HALF_MAXSIM_TOLERANCE` of the float32 reference.
+
+        Rounding query row ``q`` to float16 leaves a residual ``r``; each similarity moves by
+        ``r . d``, and the score (a mean of maxima) by no more than the largest such move. For
+        a document row ``d`` of norm ``R`` in ``D`` dimensions, ``r . d`` has a standard
+        deviation of about ``|r| R / sqrt(D)`` (the residual's direction is unrelated to the
+        document's): the engine counts as exact when six of them fit in the tolerance. With
+        BGE-M3 (D = 1024, unit rows) that is ~3e-5 (measured errors: below 1e-5); with a
+        dozen dimensions it is not, and the hits are re-scored.
+        """
+        colbert = qv.query.colbert
+        if colbert is None or qv.n_colbert == 0:
+            return True
+        q = np.asarray(colbert, dtype=np.float32)
+        residual = q - q.astype(np.float16).astype(np.float32)
+        spread = float(np.linalg.norm(residual, axis=1).max()) * self._colbert_row_norm
+        return 6.0 * spread / np.sqrt(q.shape[1]) <= HALF_MAXSIM_TOLERANCE
 
     def _score_by_id(self, part: str) -> bool:
         """Whether the engine gives ``part`` 's exact score of a few ids cheaply: not the

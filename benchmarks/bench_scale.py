@@ -1,0 +1,577 @@
+"""The embedded stores at real scale: ingest rate, search latency per mode, peak memory.
+
+    python benchmarks/bench_scale.py                                # N = 1,000 and 10,000
+    python benchmarks/bench_scale.py --n 1000 --stores edge,memory  # a quick look
+    python benchmarks/bench_scale.py --n 50000 --stores edge,raw-edge,floor
+
+Synthetic vectors of BGE-M3's sizes (benchmarks/synthetic.py): 1024-dim dense, ~60 sparse
+weights over a Zipf vocabulary, 128 ColBERT rows of 1024 per document stored in float16;
+queries of 32 ColBERT rows and ~20 sparse tokens; k = 10, 100 candidates. The documents are
+written once to a memory-mapped file, so no process holds the corpus.
+
+Each store runs in its own subprocess (its peak RSS is its own), ingesting with ``store.add``
+in steps of 256 documents (the index job's step), then ``store.finish()`` (the index job's end
+hook; qdrant-edge flushes and optimizes there, included in the rate), then ``--queries``
+searches per mode after two warm-up queries (p50 / p95).
+
+Stores: ``edge`` (QdrantEdgeStore, float16, exact: the hits' half-precision MaxSim re-scored;
+its ``engine`` rows are the same shard with ``exact_float16=False``: the engine's MaxSim, within
+1e-5 of the float32 reference at these sizes), ``local`` (qdrant-client local mode, pure Python:
+capped by ``--cap-local``), ``milvus`` (Milvus Lite; ingest capped by ``--time-cap`` seconds),
+``memory`` (InMemoryStore).
+
+Baselines measured in the same run:
+
+- ``raw-edge``: qdrant-edge fed the same points directly, in the fastest form its binding takes
+  (``Point`` of nested Python lists: ``ndarray.tolist()``; numpy arrays go through the sequence
+  protocol element by element and are ~2x slower), same steps, then flush + optimize;
+- ``floor``: numpy MaxSim (one float32 BLAS product, masked max, mean) over rows already in
+  memory as one float32 array: for a re-rank, the 100 candidates of each query; for
+  ``mode="colbert"``, every document's rows (measured on a block of at most 2,000 documents and
+  scaled to N: the product is linear in the rows).
+
+Targets (issue 11) are printed as ratios under the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from synthetic import DIM, queries, sparse_row, unit  # noqa: E402
+
+from m3connect.fingerprint import ModelFingerprint  # noqa: E402
+from m3connect.types import M3Output  # noqa: E402
+
+ROWS = 128
+SPARSE = 60
+STEP = 256
+K = 10
+CANDIDATES = 100
+FINGERPRINT = ModelFingerprint("bench/synthetic-m3", DIM, DIM)
+
+MODES: dict[str, dict] = {
+    "dense": {"mode": "dense"},
+    "sparse": {"mode": "sparse"},
+    "colbert": {"mode": "colbert"},
+    "hybrid rrf": {"mode": "hybrid", "fusion": "rrf"},
+    "rrf+rerank colbert": {"mode": "hybrid", "rerank": "colbert"},
+    "rrf+rerank all": {"mode": "hybrid", "rerank": "all"},
+}
+
+
+# --- the corpus, once, on disk ---------------------------------------------------------------
+
+
+def make_corpus(folder: Path, n: int, seed: int = 0) -> None:
+    """``n`` documents into ``folder``: colbert.npy (n x ROWS x DIM float16, memory-mapped),
+    dense.npy, sparse.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    colbert = np.lib.format.open_memmap(
+        folder / "colbert.npy", mode="w+", dtype=np.float16, shape=(n, ROWS, DIM)
+    )
+    for start in range(0, n, 250):
+        stop = min(n, start + 250)
+        block = rng.standard_normal((stop - start, ROWS, DIM), dtype=np.float32)
+        block /= np.linalg.norm(block, axis=-1, keepdims=True)
+        colbert[start:stop] = block
+    colbert.flush()
+    del colbert
+    np.save(folder / "dense.npy", unit(rng.normal(size=(n, DIM))))
+    sparse = [sparse_row(rng, SPARSE) for _ in range(n)]
+    (folder / "sparse.json").write_text(json.dumps([list(d.items()) for d in sparse]))
+
+
+class Corpus:
+    def __init__(self, folder: Path, n: int) -> None:
+        self.n = n
+        self.colbert = np.load(folder / "colbert.npy", mmap_mode="r")
+        assert len(self.colbert) >= n, "corpus file too small"
+        self.dense = np.load(folder / "dense.npy", mmap_mode="r")
+        raw = json.loads((folder / "sparse.json").read_text())
+        self.sparse = [{int(t): float(w) for t, w in d} for d in raw[:n]]
+
+    def step(self, start: int, stop: int) -> tuple[list[str], M3Output, list[str], list[dict]]:
+        ids = [f"doc-{i}" for i in range(start, stop)]
+        output = M3Output(
+            dense=np.array(self.dense[start:stop]),
+            sparse=self.sparse[start:stop],
+            colbert=list(np.array(self.colbert[start:stop])),
+        )
+        texts = [f"passage {i} " + "lorem ipsum " * 20 for i in range(start, stop)]
+        metas = [
+            {"lang": ["en", "ko", "de"][i % 3], "year": 2000 + i % 25} for i in range(start, stop)
+        ]
+        return ids, output, texts, metas
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def anon_rss_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    ms = sorted(1000 * s for s in samples)
+    p95 = ms[min(len(ms) - 1, int(round(0.95 * (len(ms) - 1))))]
+    return statistics.median(ms), p95
+
+
+class TooSlow(Exception):
+    pass
+
+
+def _alarm(signum, frame):  # type: ignore[no-untyped-def]
+    raise TooSlow
+
+
+def time_modes(store, qs, budget_s: float) -> dict[str, list[float] | str]:  # type: ignore[no-untyped-def]
+    """p50/p95 ms per mode; a mode whose one query takes over ``budget_s`` is skipped."""
+    out: dict[str, list[float] | str] = {}
+    signal.signal(signal.SIGALRM, _alarm)
+    for name, spec in MODES.items():
+        samples = []
+        try:
+            for i, q in enumerate(qs[:2] + qs):
+                signal.setitimer(signal.ITIMER_REAL, budget_s)
+                t = time.perf_counter()
+                store.search(q, k=K, candidates=CANDIDATES, **spec)
+                elapsed = time.perf_counter() - t
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                if i >= 2:
+                    samples.append(elapsed)
+            out[name] = list(percentiles(samples))
+        except TooSlow:
+            out[name] = f"> {budget_s:.0f} s"
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    return out
+
+
+def ingest(store, corpus: Corpus, n: int, time_cap: float | None) -> dict:  # type: ignore[no-untyped-def]
+    """Write ``n`` documents in steps; the rate at the first 1,000 and over everything."""
+    started = time.perf_counter()
+    done = 0
+    first_k_rate = None
+    for start in range(0, n, STEP):
+        stop = min(n, start + STEP)
+        ids, output, texts, metas = corpus.step(start, stop)
+        store.add(ids, output, texts, metas)
+        done = stop
+        if first_k_rate is None and done >= min(n, 1000):
+            first_k_rate = done / (time.perf_counter() - started)
+        if time_cap is not None and time.perf_counter() - started > time_cap:
+            break
+    finish = getattr(store, "finish", None)
+    t = time.perf_counter()
+    if callable(finish):
+        finish()
+    finish_s = time.perf_counter() - t
+    seconds = time.perf_counter() - started
+    return {
+        "docs": done,
+        "rate": done / seconds,
+        "rate_first_1k": first_k_rate,
+        "finish_s": finish_s,
+        "capped": done < n,
+    }
+
+
+# --- workers (one store each, in their own process) ------------------------------------------
+
+
+def worker(args: argparse.Namespace) -> dict:
+    corpus = Corpus(Path(args.data), args.n)
+    qs = queries(args.queries, seed=1)
+    tmp = Path(args.tmp)
+    kind = args.worker
+    result: dict = {"store": kind, "n": args.n}
+    if kind == "floor":
+        return floor(corpus, qs, args, result)
+    if kind == "raw-edge":
+        result["ingest"] = raw_edge(corpus, args.n, tmp / "raw-edge")
+        result["peak_rss_gb"] = peak_rss_gb()
+        return result
+    n = args.n
+    if kind == "memory":
+        from m3connect.stores.memory import InMemoryStore
+
+        store = InMemoryStore(fingerprint=FINGERPRINT, colbert_dtype="float16")
+    elif kind == "edge":
+        from m3connect.stores.qdrant import QdrantEdgeStore
+
+        store = QdrantEdgeStore(tmp / "edge", fingerprint=FINGERPRINT, colbert_dtype="float16")
+    elif kind == "local":
+        from qdrant_client import QdrantClient
+
+        from m3connect.stores.qdrant import QdrantStore
+
+        n = min(n, args.cap_local)
+        client = QdrantClient(path=str(tmp / "local"))
+        store = QdrantStore(client, "bench", fingerprint=FINGERPRINT, colbert_dtype="float16")
+    elif kind == "milvus":
+        from pymilvus import MilvusClient
+
+        from m3connect.stores.milvus import MilvusStore
+
+        client = MilvusClient(str(tmp / "milvus.db"))
+        store = MilvusStore(client, "bench", fingerprint=FINGERPRINT, colbert_dtype="float16")
+    else:
+        raise SystemExit(f"unknown store {kind}")
+    result["ingest"] = ingest(store, corpus, n, args.time_cap if kind != "edge" else None)
+    result["n_searched"] = result["ingest"]["docs"]
+    gc.collect()
+    budget = args.query_budget
+    qs_here = qs if kind != "local" else qs[: max(3, len(qs) // 4)]
+    result["search"] = time_modes(store, qs_here, budget)
+    if kind == "edge":
+        from m3connect.stores.qdrant import QdrantEdgeStore
+
+        engine = QdrantEdgeStore(
+            tmp / "edge", shard=store.shard, colbert_dtype="float16", exact_float16=False
+        )
+        result["search_engine"] = time_modes(engine, qs, budget)
+        result["engine_max_error"] = engine_error(store, engine, qs)
+    # The candidates of each query (hybrid RRF's top 100), for the floor worker.
+    result["candidates"] = [
+        [h.id for h in store.search(q, mode="hybrid", k=CANDIDATES)] for q in qs
+    ]
+    result["peak_rss_gb"] = peak_rss_gb()
+    result["anon_rss_gb"] = anon_rss_gb()
+    return result
+
+
+def engine_error(exact, engine, qs) -> float:  # type: ignore[no-untyped-def]
+    """Largest |engine - exact| ColBERT score over the re-ranked hits of the queries."""
+    worst = 0.0
+    for q in qs[:5]:
+        a = {h.id: h.score for h in exact.search(q, mode="hybrid", rerank="colbert", k=K)}
+        b = {h.id: h.score for h in engine.search(q, mode="hybrid", rerank="colbert", k=K)}
+        worst = max([worst] + [abs(a[i] - b[i]) for i in a.keys() & b.keys()])
+    return worst
+
+
+def raw_edge(corpus: Corpus, n: int, path: Path) -> dict:
+    """The engine fed directly: Points of nested lists (its fastest input), same steps."""
+    import uuid
+
+    import qdrant_edge as e
+
+    config = e.EdgeConfig(
+        vectors={
+            "dense": e.EdgeVectorParams(DIM, e.Distance.Dot),
+            "colbert": e.EdgeVectorParams(
+                DIM,
+                e.Distance.Dot,
+                multivector_config=e.MultiVectorConfig(e.MultiVectorComparator.MaxSim),
+                datatype=e.VectorStorageDatatype.Float16,
+                hnsw_config=e.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000),
+                memory=e.Memory.Cold,
+            ),
+        },
+        sparse_vectors={"sparse": e.EdgeSparseVectorParams()},
+        payload_memory=e.Memory.Cold,
+    )
+    shard = e.EdgeShard.create(str(path), config)
+    started = time.perf_counter()
+    first_k_rate = None
+    for start in range(0, n, STEP):
+        stop = min(n, start + STEP)
+        ids, output, texts, metas = corpus.step(start, stop)
+        points = [
+            e.Point(
+                str(uuid.uuid5(uuid.NAMESPACE_URL, doc_id)),
+                {
+                    "dense": output.dense[i].tolist(),
+                    "colbert": output.colbert[i].astype(np.float32).tolist(),
+                    "sparse": e.SparseVector(
+                        list(output.sparse[i]), list(output.sparse[i].values())
+                    ),
+                },
+                {"doc_id": doc_id, "text": texts[i], "metadata": metas[i]},
+            )
+            for i, doc_id in enumerate(ids)
+        ]
+        shard.update(e.UpdateOperation.upsert_points(points))
+        if first_k_rate is None and stop >= min(n, 1000):
+            first_k_rate = stop / (time.perf_counter() - started)
+    t = time.perf_counter()
+    shard.flush()
+    shard.optimize()
+    finish_s = time.perf_counter() - t
+    seconds = time.perf_counter() - started
+    shard.close()
+    return {"docs": n, "rate": n / seconds, "rate_first_1k": first_k_rate, "finish_s": finish_s}
+
+
+def floor(corpus: Corpus, qs, args: argparse.Namespace, result: dict) -> dict:  # type: ignore[no-untyped-def]
+    """numpy MaxSim over rows already in memory as one float32 array."""
+    candidates = json.loads(Path(args.candidates).read_text()) if args.candidates else None
+    rng = np.random.default_rng(3)
+
+    def maxsim(q: np.ndarray, rows: np.ndarray, n_docs: int) -> np.ndarray:
+        sims = rows.reshape(-1, DIM) @ q.T  # (docs * ROWS, q rows): one BLAS product
+        return sims.reshape(n_docs, ROWS, -1).max(axis=1).mean(axis=1)
+
+    rerank = []
+    for qi, q in enumerate(qs):
+        if candidates is not None:
+            idx = np.array(sorted(int(c.split("-")[1]) for c in candidates[qi]))
+        else:
+            idx = np.sort(rng.choice(corpus.n, size=min(CANDIDATES, corpus.n), replace=False))
+        rows = np.asarray(corpus.colbert[idx], dtype=np.float32)  # in memory, before timing
+        qc = np.asarray(q.colbert, dtype=np.float32)
+        maxsim(qc, rows, len(idx))
+        t = time.perf_counter()
+        maxsim(qc, rows, len(idx))
+        rerank.append(time.perf_counter() - t)
+    block = min(corpus.n, 2000)
+    rows = np.asarray(corpus.colbert[:block], dtype=np.float32)
+    full = []
+    for q in qs[:5]:
+        qc = np.asarray(q.colbert, dtype=np.float32)
+        t = time.perf_counter()
+        maxsim(qc, rows, block)
+        full.append((time.perf_counter() - t) * corpus.n / block)
+    result["rerank_ms"] = percentiles(rerank)
+    result["colbert_ms"] = percentiles(full)
+    result["peak_rss_gb"] = peak_rss_gb()
+    return result
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+
+def run_worker(kind: str, n: int, data: Path, tmp: Path, args, candidates: Path | None) -> dict:  # type: ignore[no-untyped-def]
+    out = tmp / f"{kind}-{n}.json"
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--n",
+        str(n),
+        "--data",
+        str(data),
+        "--tmp",
+        str(tmp),
+        "--out",
+        str(out),
+        "--queries",
+        str(args.queries),
+        "--cap-local",
+        str(args.cap_local),
+        "--time-cap",
+        str(args.time_cap),
+        "--query-budget",
+        str(args.query_budget),
+    ]
+    if candidates is not None:
+        cmd += ["--candidates", str(candidates)]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 or not out.exists():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        print(f"  {kind} N={n}: failed: {' | '.join(tail)}", flush=True)
+        return {"store": kind, "n": n, "failed": True}
+    result = json.loads(out.read_text())
+    print(f"  {kind} N={n}: done in {time.perf_counter() - started:.0f} s", flush=True)
+    return result
+
+
+def cell(value) -> str:  # type: ignore[no-untyped-def]
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return "-"
+    p50, p95 = value
+    return f"{p50:.1f} / {p95:.1f}"
+
+
+def report(results: list[dict], n: int) -> None:
+    by = {r["store"]: r for r in results if not r.get("failed")}
+    header = ["store", "docs", "ingest docs/s (first 1k)", *MODES, "peak RSS GB (anon)"]
+    print(f"\nN = {n:,} (search: p50 / p95 ms; k={K}, candidates={CANDIDATES})")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    rows = []
+    for kind in ("edge", "engine", "local", "milvus", "memory"):
+        r = by.get("edge" if kind == "engine" else kind)
+        if r is None:
+            continue
+        search = r["search_engine"] if kind == "engine" else r["search"]
+        ing = r["ingest"]
+        label = {
+            "edge": "qdrant-edge (exact)",
+            "engine": "qdrant-edge (engine f16 MaxSim)",
+            "local": "qdrant local mode",
+            "milvus": "Milvus Lite",
+            "memory": "in-memory",
+        }[kind]
+        if kind == "engine":
+            ingest_cell, rss = "(same shard)", "(same)"
+        else:
+            first = ing.get("rate_first_1k") or ing["rate"]
+            ingest_cell = f"{ing['rate']:.0f} ({first:.0f})"
+            rss = f"{r['peak_rss_gb']:.2f} ({r['anon_rss_gb']:.2f})"
+        docs = f"{ing['docs']:,}" + (" (capped)" if ing.get("capped") or ing["docs"] < n else "")
+        rows.append([label, docs, ingest_cell, *(cell(search.get(m)) for m in MODES), rss])
+    raw = by.get("raw-edge")
+    if raw:
+        ing = raw["ingest"]
+        rows.append(
+            [
+                "baseline: raw qdrant-edge",
+                f"{ing['docs']:,}",
+                f"{ing['rate']:.0f} ({ing['rate_first_1k']:.0f})",
+                *["" for _ in MODES],
+                f"{raw['peak_rss_gb']:.2f}",
+            ]
+        )
+    fl = by.get("floor")
+    if fl:
+        floor_cells = {"colbert": cell(fl["colbert_ms"])}
+        floor_cells["rrf+rerank colbert"] = cell(fl["rerank_ms"])
+        rows.append(
+            [
+                "baseline: numpy MaxSim floor",
+                f"{n:,}",
+                "",
+                *(floor_cells.get(m, "") for m in MODES),
+                f"{fl['peak_rss_gb']:.2f}",
+            ]
+        )
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    edge = by.get("edge")
+    if edge and fl:
+        hybrid = edge["search"]["hybrid rrf"]
+        print()
+        if not isinstance(hybrid, str):
+            print(
+                f"targets at N={n:,}: qdrant-edge hybrid RRF p50 {hybrid[0]:.1f} ms (target <= 10)"
+            )
+            for variant, search in (("exact", edge["search"]), ("engine", edge["search_engine"])):
+                for mode in ("rrf+rerank colbert", "rrf+rerank all"):
+                    got = search[mode]
+                    if isinstance(got, str):
+                        continue
+                    bound = fl["rerank_ms"][0] + search["hybrid rrf"][0]
+                    print(
+                        f"  edge {variant} {mode}: p50 {got[0]:.1f} ms = {got[0] / bound:.2f} x "
+                        f"(floor {fl['rerank_ms'][0]:.1f} + hybrid {search['hybrid rrf'][0]:.1f}) "
+                        "(target <= 2)"
+                    )
+                got = search["colbert"]
+                if not isinstance(got, str):
+                    print(
+                        f"  edge {variant} mode=colbert: p50 {got[0]:.1f} ms = "
+                        f"{got[0] / fl['colbert_ms'][0]:.2f} x floor {fl['colbert_ms'][0]:.1f} (target <= 2)"
+                    )
+            print(
+                f"  engine float16 MaxSim max |error| vs exact: {edge['engine_max_error']:.2e} (<= 1e-4 counts as exact)"
+            )
+        if raw:
+            print(
+                f"  edge ingest {edge['ingest']['rate']:.1f} docs/s = "
+                f"{edge['ingest']['rate'] / raw['ingest']['rate']:.2f} x raw engine "
+                f"{raw['ingest']['rate']:.1f} (target >= 0.9)"
+            )
+    mem = by.get("memory")
+    if mem and fl:
+        got = mem["search"]["rrf+rerank colbert"]
+        if not isinstance(got, str):
+            bound = fl["rerank_ms"][0] + mem["search"]["hybrid rrf"][0]
+            print(
+                f"  in-memory rrf+rerank colbert p50 {got[0]:.1f} ms = {got[0] / bound:.2f} x (floor + its hybrid) (target <= 2)"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", default="1000,10000", help="corpus sizes, comma-separated")
+    parser.add_argument("--stores", default="edge,raw-edge,local,milvus,memory,floor")
+    parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--cap-local", type=int, default=1000, help="local mode's largest N")
+    parser.add_argument(
+        "--time-cap", type=float, default=300.0, help="ingest seconds per store (not edge)"
+    )
+    parser.add_argument("--query-budget", type=float, default=20.0, help="seconds a query may take")
+    parser.add_argument("--keep", help="a folder to keep the corpus in (reused when it fits)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--candidates", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.n = int(args.n)
+        result = worker(args)
+        Path(args.out).write_text(json.dumps(result))
+        return
+
+    sizes = [int(x) for x in args.n.split(",")]
+    stores = args.stores.split(",")
+    base = Path(tempfile.mkdtemp(prefix="m3-scale-"))
+    data = Path(args.keep) if args.keep else base / "data"
+    try:
+        meta = data / "n.txt"
+        if not (meta.exists() and int(meta.read_text()) >= max(sizes)):
+            started = time.perf_counter()
+            make_corpus(data, max(sizes))
+            meta.write_text(str(max(sizes)))
+            print(
+                f"corpus of {max(sizes):,} documents written in {time.perf_counter() - started:.0f} s"
+            )
+        print(f"cores: {os.cpu_count()}, load: {os.getloadavg()[0]:.1f}")
+        for n in sizes:
+            results = []
+            candidates = None
+            for kind in [s for s in stores if s != "floor"]:
+                tmp = base / f"{kind}-{n}"
+                tmp.mkdir(parents=True, exist_ok=True)
+                r = run_worker(kind, n, data, tmp, args, None)
+                results.append(r)
+                if kind == "edge" and "candidates" in r:
+                    candidates = base / f"candidates-{n}.json"
+                    candidates.write_text(json.dumps(r["candidates"]))
+                shutil.rmtree(tmp, ignore_errors=True)
+            if "floor" in stores:
+                tmp = base / f"floor-{n}"
+                tmp.mkdir(parents=True, exist_ok=True)
+                results.append(run_worker("floor", n, data, tmp, args, candidates))
+            report(results, n)
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
