@@ -441,15 +441,16 @@ class _QdrantBase(StoreBase):
         emb = batch.embeddings
         points = []
         for i in rows:
-            matrix = emb.colbert[i]  # type: ignore[index]
-            if len(matrix):
-                norm = float(np.sqrt(np.einsum("ij,ij->i", matrix, matrix, dtype=np.float32).max()))
-                self._colbert_row_norm = max(self._colbert_row_norm, norm)
-        for i in rows:
             weights = emb.sparse[i]  # type: ignore[index]
+            # Nested lists of Python floats are the fastest input the clients take (a numpy
+            # array is read element by element through the sequence protocol, ~2x slower).
+            matrix = emb.colbert[i].astype(np.float32)  # type: ignore[index]
+            if len(matrix):
+                squares = np.einsum("ij,ij->i", matrix, matrix)
+                self._colbert_row_norm = max(self._colbert_row_norm, float(squares.max()) ** 0.5)
             vectors: dict[str, Any] = {
                 self.names["dense"]: emb.dense[i].tolist(),  # type: ignore[index]
-                self.names["colbert"]: emb.colbert[i].astype(np.float32).tolist(),  # type: ignore[index]
+                self.names["colbert"]: matrix.tolist(),
             }
             if weights:  # an empty sparse part is no sparse vector (Qdrant refuses empty ones)
                 vectors[self.names["sparse"]] = d.sparse_vector(
