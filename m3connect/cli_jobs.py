@@ -155,7 +155,8 @@ _batch_tokens_option = click.option(
     multiple=True,
     metavar="URI",
     help="Store URI, repeatable: each gets the same vectors [default: qdrant-edge:./m3connect.edge]. "
-    "memory:, qdrant:PATH, qdrant+http(s)://host:6333/collection, milvus:FILE.db, "
+    "memory:, qdrant-edge:PATH, qdrant:PATH, qdrant+http(s)://host:6333/collection, "
+    "milvus:FILE.db, "
     "milvus+http(s)://host:19530/collection, es+http(s)://host:9200/index; '#name' picks the "
     "collection. Credentials: QDRANT_API_KEY, MILVUS_TOKEN, ES_API_KEY or ES_USERNAME/ES_PASSWORD.",
 )

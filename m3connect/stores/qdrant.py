@@ -40,12 +40,17 @@ Local mode scores every point for any request, so there the hits' vectors come b
 instead (``with_vectors``) and the core's scoring computes those scores.
 
 With ``colbert_dtype="float16"`` a real engine (server, Cloud, qdrant-edge; not local mode)
-stores half floats and rounds the *query* to float16 too, so its MaxSim is ~1e-5 off the
-reference. With ``exact_float16=True`` (the default) the store re-scores such hits exactly from
-their ColBERT vectors (``k + 3`` matrices come back) and re-sorts them where the ColBERT score
-makes the final score (ColBERT search or re-rank, ``rerank="all"``, weighted fusion); a ColBERT
-*leg* inside RRF / DBSF keeps the engine's ranking (documents within ~1e-5 may swap there).
-``exact_float16=False`` keeps the engine's scores everywhere, at the engine's speed.
+stores half floats and rounds the *query* to float16 too, so its MaxSim is slightly off the
+float32 reference. Scores within :data:`HALF_MAXSIM_TOLERANCE` (1e-4) of it count as exact
+(issue 11): for BGE-M3's 1024-dim unit rows the engine stays well inside (measured: < 1e-5,
+benchmarks/bench_scale.py), so its MaxSim is used as is — no ColBERT matrix leaves the engine.
+Where a query's rounding could move a score by more (small dimensions, rows of large norm; see
+:meth:`_QdrantBase._half_maxsim_within_tolerance`) and ``exact_float16=True`` (the default), the
+store re-scores the hits exactly from their ColBERT vectors (``k + 3`` matrices come back in
+the same request, scored by :func:`m3connect.scoring.colbert_scores` in one batch) and re-sorts
+them where the ColBERT score makes the final score (ColBERT search or re-rank,
+``rerank="all"``, weighted fusion); a ColBERT *leg* inside RRF / DBSF keeps the engine's
+ranking. ``exact_float16=False`` keeps the engine's scores everywhere.
 
 Payload layout: ``{"doc_id": str, "doc_id_type": "str" | "int", "text": ..., "metadata": {...}}``.
 Point ids are ``uuid5`` of the typed user id, so ``"1"`` and ``1`` are two documents. Filters on
