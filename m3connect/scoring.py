@@ -7,6 +7,7 @@ database computes (a MaxSim *sum*, Elasticsearch's ``(1 + dot) / 2``) back to th
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -16,9 +17,14 @@ from m3connect.types import M3Embedding, M3Output
 #: The reference README's weights for (dense, sparse, colbert).
 DEFAULT_WEIGHTS: tuple[float, float, float] = (0.4, 0.2, 0.4)
 
-# Query rows x document rows per matmul block in colbert_scores: bounds memory on large
-# candidate sets (64 query rows x 2^20 doc rows of float32 = 256 MiB).
-_COLBERT_BLOCK_ELEMENTS = 1 << 26
+# Float32 elements of document rows per matmul block in colbert_scores (8 MiB): bounds memory
+# for any number of candidates (mode="colbert" over a whole collection) and keeps the block in
+# cache while it is converted and multiplied.
+_COLBERT_BLOCK_ELEMENTS = 1 << 21
+
+# One scratch block per thread, reused across calls: a fresh buffer per call costs its page
+# faults every time, about as much as converting the rows into it.
+_scratch = threading.local()
 
 
 def dense_scores(query: np.ndarray, docs: np.ndarray) -> np.ndarray:
@@ -51,34 +57,79 @@ def colbert_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:
 
     ``query`` is ``[m, d]``; each document ``[n_i, d]`` (float32 or float16). A document with
     no rows scores 0. Databases compute the *sum* (MaxSim); divide theirs by ``m`` to compare.
+
+    One batched computation: the documents' rows are packed block by block into one float32
+    matrix (float16 converted once, on the way in), multiplied with the query in BLAS, and
+    reduced per document with a max over its rows, then a mean over the query rows.
     """
     query = np.asarray(query, dtype=np.float32)
     if query.ndim != 2:
         raise ValueError(f"a ColBERT query must be [m, d], got shape {query.shape}")
     out = np.zeros(len(docs), dtype=np.float64)
-    if len(docs) == 0 or query.shape[0] == 0:
+    m, dim = query.shape
+    if len(docs) == 0 or m == 0:
         return out
-    lengths = np.array([len(d) for d in docs])
-    for d in docs:
-        if len(d) and (np.ndim(d) != 2 or d.shape[1] != query.shape[1]):
-            raise ValueError(f"ColBERT shapes do not match: query {query.shape}, doc {np.shape(d)}")
-    block_rows = max(1, _COLBERT_BLOCK_ELEMENTS // max(1, query.shape[0]))
+    lengths = [len(doc) for doc in docs]
+    for doc, n in zip(docs, lengths, strict=True):
+        if n and (np.ndim(doc) != 2 or np.shape(doc)[1] != dim):
+            raise ValueError(f"ColBERT shapes do not match: query {query.shape}, doc {np.shape(doc)}")
+    query_t = np.ascontiguousarray(query.T)  # [d, m]: each block is rows @ query_t
+    block_rows = max(1, _COLBERT_BLOCK_ELEMENTS // max(1, dim))
     start = 0
     while start < len(docs):
-        # Gather documents until the block of document rows is full.
-        stop, rows = start, 0
+        # The next block: documents until their rows fill it (a longer document alone).
+        members: list[int] = []
+        rows = 0
+        stop = start
         while stop < len(docs) and (rows == 0 or rows + lengths[stop] <= block_rows):
-            rows += lengths[stop]
+            if lengths[stop]:
+                members.append(stop)
+                rows += lengths[stop]
             stop += 1
-        nonempty = [i for i in range(start, stop) if lengths[i] > 0]
-        if nonempty:
-            matrix = np.concatenate([np.asarray(docs[i], dtype=np.float32) for i in nonempty])
-            sims = query @ matrix.T  # [m, rows]
-            offsets = np.concatenate([[0], np.cumsum(lengths[nonempty])[:-1]])
-            best = np.maximum.reduceat(sims, offsets, axis=1)  # [m, len(nonempty)]
-            out[nonempty] = best.astype(np.float64).mean(axis=0)
+        if members:
+            out[members] = _block_maxsim(query_t, [docs[i] for i in members], rows)
         start = stop
     return out
+
+
+def _block_maxsim(query_t: np.ndarray, docs: Sequence[np.ndarray], rows: int) -> np.ndarray:
+    """ColBERT means of non-empty ``docs`` (``rows`` rows in all) in one matrix product."""
+    dim, m = query_t.shape
+    first = docs[0]
+    if (
+        len(docs) == 1
+        and isinstance(first, np.ndarray)
+        and first.dtype == np.float32
+        and first.flags.c_contiguous
+    ):
+        matrix = first  # already what BLAS takes: no copy
+    else:
+        matrix = _scratch_rows(rows, dim)
+        at = 0
+        for doc in docs:
+            n = len(doc)
+            matrix[at : at + n] = doc  # float16 -> float32 here, once
+            at += n
+    sims = matrix @ query_t  # [rows, m]
+    if len(docs) == 1:
+        best = sims.max(axis=0, keepdims=True)
+    else:
+        offsets = np.zeros(len(docs), dtype=np.intp)
+        np.cumsum([len(doc) for doc in docs[:-1]], out=offsets[1:])
+        best = np.maximum.reduceat(sims, offsets, axis=0)  # [docs, m]
+    return best.mean(axis=1, dtype=np.float64)
+
+
+def _scratch_rows(rows: int, dim: int) -> np.ndarray:
+    """A float32 ``[rows, dim]`` work matrix, reused by the calling thread (a document longer
+    than a block gets one of its own, not kept)."""
+    if rows * dim > _COLBERT_BLOCK_ELEMENTS:
+        return np.empty((rows, dim), dtype=np.float32)
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.size < rows * dim:
+        buffer = np.empty(_COLBERT_BLOCK_ELEMENTS, dtype=np.float32)
+        _scratch.buffer = buffer
+    return buffer[: rows * dim].reshape(rows, dim)
 
 
 def combine_scores(
