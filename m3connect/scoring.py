@@ -72,7 +72,9 @@ def colbert_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:
     lengths = [len(doc) for doc in docs]
     for doc, n in zip(docs, lengths, strict=True):
         if n and (np.ndim(doc) != 2 or np.shape(doc)[1] != dim):
-            raise ValueError(f"ColBERT shapes do not match: query {query.shape}, doc {np.shape(doc)}")
+            raise ValueError(
+                f"ColBERT shapes do not match: query {query.shape}, doc {np.shape(doc)}"
+            )
     query_t = np.ascontiguousarray(query.T)  # [d, m]: each block is rows @ query_t
     block_rows = max(1, _COLBERT_BLOCK_ELEMENTS // max(1, dim))
     start = 0
@@ -94,23 +96,11 @@ def colbert_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:
 
 def _block_maxsim(query_t: np.ndarray, docs: Sequence[np.ndarray], rows: int) -> np.ndarray:
     """ColBERT means of non-empty ``docs`` (``rows`` rows in all) in one matrix product."""
-    dim, m = query_t.shape
-    first = docs[0]
-    if (
-        len(docs) == 1
-        and isinstance(first, np.ndarray)
-        and first.dtype == np.float32
-        and first.flags.c_contiguous
-    ):
-        matrix = first  # already what BLAS takes: no copy
+    torch = _torch()
+    if torch is not None:
+        sims = _block_sims_torch(torch, query_t, docs, rows)
     else:
-        matrix = _scratch_rows(rows, dim)
-        at = 0
-        for doc in docs:
-            n = len(doc)
-            matrix[at : at + n] = doc  # float16 -> float32 here, once
-            at += n
-    sims = matrix @ query_t  # [rows, m]
+        sims = _block_sims_numpy(query_t, docs, rows)
     if len(docs) == 1:
         best = sims.max(axis=0, keepdims=True)
     else:
@@ -118,6 +108,73 @@ def _block_maxsim(query_t: np.ndarray, docs: Sequence[np.ndarray], rows: int) ->
         np.cumsum([len(doc) for doc in docs[:-1]], out=offsets[1:])
         best = np.maximum.reduceat(sims, offsets, axis=0)  # [docs, m]
     return best.mean(axis=1, dtype=np.float64)
+
+
+def _block_sims_numpy(query_t: np.ndarray, docs: Sequence[np.ndarray], rows: int) -> np.ndarray:
+    first = docs[0]
+    if len(docs) == 1 and isinstance(first, np.ndarray) and first.dtype == np.float32:
+        matrix = first  # BLAS takes it as it is
+    else:
+        matrix = _scratch_rows(rows, query_t.shape[0])
+        at = 0
+        for doc in docs:
+            matrix[at : at + len(doc)] = doc  # float16 -> float32 here, once
+            at += len(doc)
+    return matrix @ query_t  # [rows, m]
+
+
+def _block_sims_torch(torch, query_t: np.ndarray, docs: Sequence[np.ndarray], rows: int):  # type: ignore[no-untyped-def]
+    """The same product with torch doing the conversion and the product: it converts float16
+    about three times faster than numpy, and one thread pool does all the work (alternating
+    torch's and OpenBLAS's pools call by call makes each wait for the other's spinning
+    threads)."""
+    first = docs[0]
+    if len(docs) == 1 and _torch_view_ok(first) and first.dtype == np.float32:
+        matrix = torch.from_numpy(first)
+    else:
+        matrix = torch.from_numpy(_scratch_rows(rows, query_t.shape[0]))
+        at = 0
+        for doc in docs:
+            n = len(doc)
+            if _torch_view_ok(doc):
+                matrix[at : at + n].copy_(torch.from_numpy(doc))
+            else:
+                matrix[at : at + n].copy_(
+                    torch.from_numpy(np.array(doc, dtype=np.float32, order="C"))
+                )
+            at += n
+    return torch.matmul(matrix, torch.from_numpy(query_t)).numpy()  # [rows, m]
+
+
+def _torch_view_ok(doc: object) -> bool:
+    """Whether torch can read ``doc`` in place (float16/32 ndarray, writeable, positive strides)."""
+    return (
+        isinstance(doc, np.ndarray)
+        and doc.dtype in (np.float16, np.float32)
+        and doc.flags.writeable
+        and doc.dtype.isnative
+        and all(stride > 0 for stride in doc.strides)
+    )
+
+
+def _torch():  # type: ignore[no-untyped-def]
+    """torch (an m3connect dependency), imported on the first ColBERT score; ``None`` where it
+    is missing or its float32 products may be less precise than float32 (a user's
+    ``torch.set_float32_matmul_precision`` other than ``"highest"``): numpy does it then."""
+    global _TORCH
+    if _TORCH is None:
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is a dependency
+            _TORCH = False
+        else:
+            _TORCH = torch
+    if _TORCH is False or _TORCH.get_float32_matmul_precision() != "highest":
+        return None
+    return _TORCH
+
+
+_TORCH = None
 
 
 def _scratch_rows(rows: int, dim: int) -> np.ndarray:

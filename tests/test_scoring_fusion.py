@@ -66,8 +66,19 @@ def _colbert_by_loop(query, docs):
     ]
 
 
+@pytest.fixture(params=["torch", "numpy"])
+def backend(request, monkeypatch):
+    """The core's two ways to run the product: torch (when importable, at full float32
+    precision) and numpy."""
+    if request.param == "numpy":
+        monkeypatch.setattr("m3connect.scoring._TORCH", False)
+    else:
+        pytest.importorskip("torch")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_colbert_batched_equals_the_loop_on_ragged_documents(dtype, monkeypatch):
+def test_colbert_batched_equals_the_loop_on_ragged_documents(dtype, backend, monkeypatch):
     rng = np.random.default_rng(3)
     q = rng.normal(size=(7, 16)).astype(np.float32)
     lengths = [1, 0, 5, 1, 40, 0, 3, 1, 17, 2]
@@ -87,7 +98,7 @@ def test_colbert_batched_equals_the_loop_on_ragged_documents(dtype, monkeypatch)
     )
 
 
-def test_colbert_one_row_documents_and_edge_cases():
+def test_colbert_one_row_documents_and_edge_cases(backend):
     rng = np.random.default_rng(4)
     q = rng.normal(size=(3, 8)).astype(np.float32)
     single = [rng.normal(size=(1, 8)).astype(np.float16) for _ in range(30)]
@@ -109,7 +120,7 @@ def test_colbert_one_row_documents_and_edge_cases():
         colbert_scores(q, [single[0], np.ones((2, 9))])
 
 
-def test_colbert_float32_contiguous_and_strided_documents():
+def test_colbert_float32_contiguous_and_strided_documents(backend):
     """A float32 document is used in place; views and non-contiguous rows give the same."""
     rng = np.random.default_rng(5)
     q = rng.normal(size=(4, 12)).astype(np.float32)
@@ -121,6 +132,27 @@ def test_colbert_float32_contiguous_and_strided_documents():
             colbert_scores(q, subset), _colbert_by_loop(q, subset), rtol=1e-5, atol=1e-6
         )
     np.testing.assert_allclose(colbert_scores(q, docs), expected, rtol=1e-5, atol=1e-6)
+    # Read-only, byte-swapped and reversed rows too.
+    frozen = big[:10, :12].copy()
+    frozen.flags.writeable = False
+    odd = [
+        frozen,
+        big[10:20, :12].astype(">f4"),
+        big[20:30, :12][::-1],
+        big[30:31, :12].astype(np.float64),
+    ]
+    np.testing.assert_allclose(
+        colbert_scores(q, odd), _colbert_by_loop(q, odd), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_colbert_uses_numpy_when_torch_products_are_not_full_float32(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from m3connect import scoring
+
+    assert scoring._torch() is torch
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "medium")
+    assert scoring._torch() is None
 
 
 def test_combined_score_divides_by_the_sum_of_weights():
