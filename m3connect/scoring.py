@@ -96,11 +96,7 @@ def colbert_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:
 
 def _block_maxsim(query_t: np.ndarray, docs: Sequence[np.ndarray], rows: int) -> np.ndarray:
     """ColBERT means of non-empty ``docs`` (``rows`` rows in all) in one matrix product."""
-    torch = _torch()
-    if torch is not None:
-        sims = _block_sims_torch(torch, query_t, docs, rows)
-    else:
-        sims = _block_sims_numpy(query_t, docs, rows)
+    sims = _block_matrix(docs, rows, query_t.shape[0]) @ query_t  # [rows, m]
     if len(docs) == 1:
         best = sims.max(axis=0, keepdims=True)
     else:
@@ -110,57 +106,49 @@ def _block_maxsim(query_t: np.ndarray, docs: Sequence[np.ndarray], rows: int) ->
     return best.mean(axis=1, dtype=np.float64)
 
 
-def _block_sims_numpy(query_t: np.ndarray, docs: Sequence[np.ndarray], rows: int) -> np.ndarray:
+def _block_matrix(docs: Sequence[np.ndarray], rows: int, dim: int) -> np.ndarray:
+    """The documents' rows one after another as one float32 ``[rows, dim]`` matrix."""
     first = docs[0]
     if len(docs) == 1 and isinstance(first, np.ndarray) and first.dtype == np.float32:
-        matrix = first  # BLAS takes it as it is
-    else:
-        matrix = _scratch_rows(rows, query_t.shape[0])
+        return first  # BLAS takes it as it is
+    matrix = _scratch_rows("float32", rows, dim)
+    torch = _torch()
+    if torch is not None and all(
+        isinstance(doc, np.ndarray) and doc.dtype == np.float16 for doc in docs
+    ):
+        half = _scratch_rows("float16", rows, dim)
         at = 0
         for doc in docs:
-            matrix[at : at + len(doc)] = doc  # float16 -> float32 here, once
+            half[at : at + len(doc)] = doc  # a plain copy
             at += len(doc)
-    return matrix @ query_t  # [rows, m]
+        _float16_to_float32(torch, half, matrix)
+        return matrix
+    at = 0
+    for doc in docs:
+        matrix[at : at + len(doc)] = doc  # any dtype -> float32, once
+        at += len(doc)
+    return matrix
 
 
-def _block_sims_torch(torch, query_t: np.ndarray, docs: Sequence[np.ndarray], rows: int):  # type: ignore[no-untyped-def]
-    """The same product with torch doing the conversion and the product: it converts float16
-    about three times faster than numpy, and one thread pool does all the work (alternating
-    torch's and OpenBLAS's pools call by call makes each wait for the other's spinning
-    threads)."""
-    first = docs[0]
-    if len(docs) == 1 and _torch_view_ok(first) and first.dtype == np.float32:
-        matrix = torch.from_numpy(first)
-    else:
-        matrix = torch.from_numpy(_scratch_rows(rows, query_t.shape[0]))
-        at = 0
-        for doc in docs:
-            n = len(doc)
-            if _torch_view_ok(doc):
-                matrix[at : at + n].copy_(torch.from_numpy(doc))
-            else:
-                matrix[at : at + n].copy_(
-                    torch.from_numpy(np.array(doc, dtype=np.float32, order="C"))
-                )
-            at += n
-    return torch.matmul(matrix, torch.from_numpy(query_t)).numpy()  # [rows, m]
+def _float16_to_float32(torch, half: np.ndarray, out: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    """``out[:] = half``: torch's vectorized conversion (numpy's takes about three times as
+    long, as long as the product itself). Pieces stay under torch's parallel grain size so the
+    conversion runs in this thread: a torch thread pool waking beside OpenBLAS's spinning
+    threads (the product) slows both down severalfold on small machines."""
+    step = max(1, (_TORCH_GRAIN_SIZE - 1) // max(1, half.shape[1]))
+    source, target = torch.from_numpy(half), torch.from_numpy(out)
+    for start in range(0, len(half), step):
+        target[start : start + step].copy_(source[start : start + step])
 
 
-def _torch_view_ok(doc: object) -> bool:
-    """Whether torch can read ``doc`` in place (float16/32 ndarray, writeable, positive strides)."""
-    return (
-        isinstance(doc, np.ndarray)
-        and doc.dtype in (np.float16, np.float32)
-        and doc.flags.writeable
-        and doc.dtype.isnative
-        and all(stride > 0 for stride in doc.strides)
-    )
+#: torch's ``at::internal::GRAIN_SIZE``: element-wise ops on fewer elements run serially.
+_TORCH_GRAIN_SIZE = 32768
+_TORCH = None
 
 
 def _torch():  # type: ignore[no-untyped-def]
-    """torch (an m3connect dependency), imported on the first ColBERT score; ``None`` where it
-    is missing or its float32 products may be less precise than float32 (a user's
-    ``torch.set_float32_matmul_precision`` other than ``"highest"``): numpy does it then."""
+    """torch (an m3connect dependency), imported on the first float16 conversion; ``None``
+    where it is missing (numpy converts then)."""
     global _TORCH
     if _TORCH is None:
         try:
@@ -169,23 +157,18 @@ def _torch():  # type: ignore[no-untyped-def]
             _TORCH = False
         else:
             _TORCH = torch
-    if _TORCH is False or _TORCH.get_float32_matmul_precision() != "highest":
-        return None
-    return _TORCH
+    return _TORCH or None
 
 
-_TORCH = None
-
-
-def _scratch_rows(rows: int, dim: int) -> np.ndarray:
-    """A float32 ``[rows, dim]`` work matrix, reused by the calling thread (a document longer
-    than a block gets one of its own, not kept)."""
+def _scratch_rows(dtype: str, rows: int, dim: int) -> np.ndarray:
+    """A ``[rows, dim]`` work matrix, reused by the calling thread (a document longer than a
+    block gets one of its own, not kept)."""
     if rows * dim > _COLBERT_BLOCK_ELEMENTS:
-        return np.empty((rows, dim), dtype=np.float32)
-    buffer = getattr(_scratch, "buffer", None)
+        return np.empty((rows, dim), dtype=dtype)
+    buffer = getattr(_scratch, dtype, None)
     if buffer is None or buffer.size < rows * dim:
-        buffer = np.empty(_COLBERT_BLOCK_ELEMENTS, dtype=np.float32)
-        _scratch.buffer = buffer
+        buffer = np.empty(_COLBERT_BLOCK_ELEMENTS, dtype=dtype)
+        setattr(_scratch, dtype, buffer)
     return buffer[: rows * dim].reshape(rows, dim)
 
 
