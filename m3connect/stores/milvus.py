@@ -24,7 +24,10 @@ never has to care; ``multivector=`` forces one):
   never seen half done. ``mode="colbert"`` is exact: token-level searches give each document an
   upper bound, candidates are re-scored exactly with :func:`m3connect.scoring.colbert_scores`,
   and the token limit grows until the bounds prove that no other document can enter the top
-  (a threshold algorithm). ``colbert_exact=False`` stops after the first round instead.
+  (a threshold algorithm). Once a further round would return as many token hits as the rows
+  in scope hold, every document in scope is scored from its rows instead, window by window: the
+  cost stays bounded by the rows in scope whatever the bounds. ``colbert_exact=False`` stops
+  after the first round instead.
 
 Model fingerprint, layout and schema version live in the collection's properties and are
 checked whenever a store attaches to an existing collection.
@@ -1429,6 +1432,10 @@ class _Search:
         scored exactly in the order of their bounds until the ``limit``-th exact score beats
         every remaining bound; if it does not beat ``mean_i t_i``, ``T`` grows (x4) and the
         search repeats. Exhausted token lists (fewer than ``T`` hits) bound nothing more.
+        When the next round would bring ``m * 4T`` hits, at least the token rows in scope (or
+        ``T`` may not grow), every document in scope is scored exactly instead
+        (:meth:`_score_all`): on random-like vectors the bounds prove little and the rounds
+        would cost far more than the rows.
         """
         store = self.store
         q = np.asarray(self.query.colbert, dtype=np.float32)
