@@ -25,10 +25,12 @@ never holds them, so its ``str``/``repr`` are safe to log.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -221,8 +223,15 @@ class StoreHandle:
         self.uri = uri
         self.store = store
         self.client = client
+        self.closed = False
+        if client is not None:
+            _OPEN_HANDLES.add(self)
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        _OPEN_HANDLES.discard(self)
         try:
             self.store.close()
         finally:
@@ -240,6 +249,17 @@ class StoreHandle:
 
 _MEMORY_STORES: dict[str, M3Store] = {}
 _MEMORY_LOCK = threading.Lock()
+# Handles not closed by their user are closed at exit, while the interpreter still works: a
+# Qdrant local client closed by the garbage collector during shutdown raises "sys.meta_path is
+# None, Python is likely shutting down".
+_OPEN_HANDLES: weakref.WeakSet[StoreHandle] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_handles() -> None:
+    for handle in list(_OPEN_HANDLES):
+        with contextlib.suppress(Exception):
+            handle.close()
 
 
 def parse_store_uri(text: str | StoreURI) -> StoreURI:
