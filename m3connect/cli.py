@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -75,6 +76,8 @@ def main(ctx: click.Context, verbose: int) -> None:
         # says it once, in one line.
         for name in ("elastic_transport", "httpx", "pymilvus"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # qdrant-client's version check warns before the request that then fails (or works).
+        warnings.filterwarnings("ignore", message="Failed to obtain server version")
 
 
 # --------------------------------------------------------------------------------------------

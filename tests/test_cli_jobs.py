@@ -168,6 +168,7 @@ def test_on_error_stop_names_the_line(runner, corpus, tmp_path, m3_checkpoint) -
         } == {f"doc-{i}" for i in range(6)}
 
 
+@pytest.mark.slow
 def test_changed_chunking_is_refused_then_rebuilt(runner, corpus, tmp_path, m3_checkpoint) -> None:
     uri = f"qdrant:{tmp_path / 'store'}"
     base = ["index", corpus, "--store", uri, "--model", m3_checkpoint, "--no-progress"]
@@ -204,6 +205,7 @@ def test_two_stores_one_job(runner, corpus, tmp_path, m3_checkpoint) -> None:
             assert handle.store.count() == summary["chunks"] == 19
 
 
+@pytest.mark.slow
 def test_sigint_then_resume(corpus, tmp_path, m3_checkpoint, m3_encoder) -> None:
     """A real Ctrl-C in a subprocess (with its own store files); the next run finishes the job
     with exact counts."""
@@ -330,6 +332,7 @@ def test_demo_offline_hub_id_prints_the_encoder_message(
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
 
 
+@pytest.mark.slow
 def test_bundled_sample_demo_with_random_model(runner, tmp_path, monkeypatch) -> None:
     if not (cli_jobs.SAMPLE_DIR / "corpus.jsonl").is_file():
         pytest.skip("the bundled sample corpus is not there yet")
