@@ -406,20 +406,20 @@ def _require_location(parsed: StoreURI) -> None:
 def _require_collection(parsed: StoreURI, client: Any) -> None:
     """The collection (index) must exist; the message lists the ones that do, when cheap."""
     others: list[str] | None = None
-    if parsed.kind == "qdrant":
+    if parsed.kind == "qdrant" and hasattr(client, "collection_exists"):
         if client.collection_exists(parsed.collection):
             return
         others = [c.name for c in client.get_collections().collections]
-    elif parsed.kind == "milvus":
+    elif parsed.kind == "milvus" and hasattr(client, "has_collection"):
         if client.has_collection(parsed.collection):
             return
         from m3connect.stores.milvus import COMPANION_SUFFIX
 
         others = [n for n in client.list_collections() if not n.endswith(COMPANION_SUFFIX)]
-    elif parsed.kind == "elasticsearch":
+    elif parsed.kind == "elasticsearch" and hasattr(client, "indices"):
         if client.indices.exists(index=parsed.collection):
             return
-    else:  # a kind this check does not know: the store itself decides
+    else:  # a kind (or client) this check does not know: the store itself decides
         return
     where = parsed.location if not parsed.remote else f"the server {parsed.location}"
     listing = ""

@@ -86,8 +86,11 @@ def test_index_then_search(runner, corpus, tmp_path, m3_checkpoint) -> None:
     # The model defaults to the one the store was indexed with.
     result = run(runner, "search", uri, "capital of France", "--rerank", "all", "-k", "5")
     lines = result.stdout.strip().splitlines()
-    assert lines[0].split()[:6] == ["#", "id", "score", "dense", "sparse", "colbert"]
-    assert len(lines) == 2 + 5
+    # The score that orders the hits is named after what it is ("all": the weighted sum of
+    # the exact scores), the per-representation scores after the bar; a legend says so.
+    assert lines[0].split()[:7] == ["#", "id", "all", "|", "dense", "sparse", "colbert"]
+    assert len(lines) == 2 + 5 + 1
+    assert lines[-1].startswith("all: the weighted sum of the exact scores")
     assert re.match(r"\s+1\s+doc-\d+#\d+\s", lines[2])
 
     result = run(
