@@ -89,11 +89,6 @@ _quiet_option = click.option(
 )
 
 
-def plural(n: int, word: str) -> str:
-    """``1 document``, ``2 documents``."""
-    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
-
-
 def known_errors() -> tuple[type[BaseException], ...]:
     from m3connect.evaluation import EvalError
     from m3connect.filters import FilterError
@@ -537,6 +532,8 @@ def search_command(
             click.echo(json.dumps(out, ensure_ascii=False, indent=2))
             return
         if not hits:
+            from m3connect.indexing import plural
+
             count = store.count()
             click.echo(f"no hits ({uri} holds {plural(count, 'document')})")
             return
@@ -787,7 +784,7 @@ def demo_command(
     pipeline run on a small random checkpoint).
     """
     from m3connect.evaluation import load_beir
-    from m3connect.indexing import IndexingError, IndexJob
+    from m3connect.indexing import IndexingError, IndexJob, plural
     from m3connect.store import SearchParams
     from m3connect.uris import open_store
 

@@ -153,12 +153,12 @@ class IndexSummary:
     def format(self) -> str:
         status = "done" if self.stopped is None else f"STOPPED ({self.stopped})"
         lines = [
-            f"{status}: {_plural(self.docs, 'document')} in {self.seconds:.1f} s "
+            f"{status}: {plural(self.docs, 'document')} in {self.seconds:.1f} s "
             f"({self.docs_per_s:,.1f} docs/s, {self.tokens_per_s:,.0f} tokens/s)",
-            f"  indexed  {_plural(self.indexed, 'document')} ({self.updated:,} changed since "
-            f"stored): {_plural(self.chunks, 'chunk')}, {_plural(self.tokens, 'token')} encoded",
-            f"  skipped  {_plural(self.skipped, 'document')} already stored",
-            f"  errors   {_plural(self.errors, 'bad record')} skipped",
+            f"  indexed  {plural(self.indexed, 'document')} ({self.updated:,} changed since "
+            f"stored): {plural(self.chunks, 'chunk')}, {plural(self.tokens, 'token')} encoded",
+            f"  skipped  {plural(self.skipped, 'document')} already stored",
+            f"  errors   {plural(self.errors, 'bad record')} skipped",
         ]
         for bad in self.bad_records[:10]:
             lines.append(f"    {bad}")
@@ -183,7 +183,8 @@ class IndexSummary:
         return "\n".join(lines)
 
 
-def _plural(n: int, word: str) -> str:
+def plural(n: int, word: str) -> str:
+    """``1 document``, ``2 documents`` (for the summaries people read)."""
     return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
 
 
@@ -636,7 +637,7 @@ class IndexJob:
             bar.update(max(0, read - bar.n))
             elapsed = max(time.perf_counter() - self._started, 1e-9)
             bar.set_postfix_str(
-                f"{summary.chunks / elapsed:,.1f} chunks/s, {_plural(summary.chunks, 'chunk')}",
+                f"{summary.chunks / elapsed:,.1f} chunks/s, {plural(summary.chunks, 'chunk')}",
                 refresh=False,
             )
 

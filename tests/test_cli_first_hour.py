@@ -121,6 +121,7 @@ def _release(process: subprocess.Popen[str]) -> None:
     process.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_a_store_in_use_by_another_process(indexed, tmp_path, m3_checkpoint) -> None:
     holder = _hold(
         f"from qdrant_client import QdrantClient; c = QdrantClient(path={str(indexed)!r})"
@@ -421,6 +422,10 @@ def test_handles_left_open_are_closed_at_exit(tmp_path) -> None:
     from qdrant_client import QdrantClient
 
     QdrantClient(path=str(tmp_path / "s")).close()  # the folder's lock was released
+
+
+@pytest.mark.slow
+def test_a_store_left_open_exits_without_a_word(tmp_path) -> None:
     code = (
         "from m3connect.uris import open_store\n"
         f"h = open_store('qdrant:{tmp_path / 's2'}')\n"

@@ -308,6 +308,7 @@ def test_eval(runner, tmp_path, m3_checkpoint, beir_dir) -> None:
     assert "unknown mode" in result.output
 
 
+@pytest.mark.slow
 def test_demo(runner, tmp_path, m3_checkpoint, beir_dir, monkeypatch) -> None:
     monkeypatch.setattr(cli_jobs, "SAMPLE_DIR", beir_dir)
     monkeypatch.chdir(tmp_path)
