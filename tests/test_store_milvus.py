@@ -534,6 +534,7 @@ def test_colbert_search_is_exact_beyond_the_first_token_round(make_store):
     assert all(math.isclose(h.score, exact[h.id], abs_tol=1e-5) for h in got)  # scores stay exact
 
 
+@pytest.mark.slow
 def test_colbert_search_reads_every_row_when_bounds_cannot_prove_the_top(make_store):
     """When more token hits would cost as much as reading the rows in scope (or the token
     limit cannot grow), the exact answer comes from scoring every document the search may
@@ -550,7 +551,7 @@ def test_colbert_search_reads_every_row_when_bounds_cannot_prove_the_top(make_st
         calls["rounds"] += 1
         return (yield from plain_count(self, token_expr))
 
-    queries = synthetic_queries(synthetic_corpus()[1])
+    queries = synthetic_queries(synthetic_corpus()[1])[:3]
     store._token_read_window = lambda: (5, 10)  # windows of a few documents
     try:
         _Search._score_all, _Search._token_rows = scan, rows
@@ -576,6 +577,7 @@ def test_colbert_search_reads_every_row_when_bounds_cannot_prove_the_top(make_st
         ]
 
 
+@pytest.mark.slow
 def test_colbert_with_an_unselective_filter(make_store):
     """A filter matching more documents than ``colbert_filter_list_max`` is checked per round."""
     store, reference = filled_pair(make_store, colbert_filter_list_max=3, colbert_token_limit=4)
