@@ -210,9 +210,14 @@ def bench_milvus(args: argparse.Namespace, qs: list[M3Embedding]) -> None:
         for ids, emb in batches(args.milvus_docs, args.milvus_rows, seed=2, batch=100):
             store.add(ids, emb)
             reference.add(ids, emb)
+        added = time.perf_counter() - t
+        # Lite searches rows still in its memtable about 4x slower (it rebuilds arrays from
+        # them on every request): flushed, as at the end of an indexing job.
+        client.flush(store.collection)
+        client.flush(store.companion)
         print(
             f"MilvusStore (Lite): {args.milvus_docs} docs x {args.milvus_rows} rows added in "
-            f"{time.perf_counter() - t:.1f} s",
+            f"{added:.1f} s, flushed in {time.perf_counter() - t - added:.1f} s",
             flush=True,
         )
         n = min(len(qs), args.milvus_queries)
