@@ -321,7 +321,7 @@ class StoreBase:
             # The same rules as stored weights: a negative weight would make "shares a token"
             # differ from "scores above 0", which the sparse leg relies on.
             query = M3Embedding(
-                query.dense, _check_sparse("the query", query.sparse), query.colbert
+                query.dense, _check_sparse("the query", query.sparse, query=True), query.colbert
             )
         if self.fingerprint is not None:
             if query.dense is not None and np.shape(query.dense) != (self.fingerprint.dense_dim,):
@@ -622,7 +622,9 @@ def _check_texts(texts: Sequence[Any]) -> None:
             raise StoreError(f"text {i} is {text!r}: every text must be a string")
 
 
-def _check_sparse(doc_id: DocId, weights: Mapping[Any, Any]) -> dict[int, float]:
+def _check_sparse(
+    doc_id: DocId, weights: Mapping[Any, Any], *, query: bool = False
+) -> dict[int, float]:
     if not isinstance(weights, Mapping):
         raise StoreError(
             f"sparse weights of id {doc_id!r} must map token ids to weights, "
@@ -637,6 +639,8 @@ def _check_sparse(doc_id: DocId, weights: Mapping[Any, Any]) -> dict[int, float]
         else:
             raise StoreError(f"sparse token ids of id {doc_id!r} must be ints, got {token!r}")
         if not 0 <= token_id <= MAX_TOKEN_ID:
+            if query:  # no document holds such a token: it matches nothing
+                continue
             raise StoreError(
                 f"sparse token id {token_id} of id {doc_id!r} is outside [0, 2**32): "
                 "token ids are unsigned 32-bit"

@@ -20,6 +20,7 @@ from store_contract import (
     FINGERPRINT,
     StoreContract,
     assert_same_hits,
+    failing_calls,
     synthetic_corpus,
     synthetic_embeddings,
     synthetic_queries,
@@ -29,6 +30,7 @@ pymilvus = pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
 from pymilvus import DataType, MilvusClient  # noqa: E402
+from pymilvus.exceptions import MilvusException  # noqa: E402
 
 from m3connect.filters import Field, RawFilter, matches, parse_filter  # noqa: E402
 from m3connect.fingerprint import FingerprintMismatchError  # noqa: E402
@@ -83,8 +85,30 @@ def make_store(client, prefix):
     return make
 
 
+MILVUS_WRITES = {
+    "insert",
+    "upsert",
+    "delete",
+    "alter_collection_properties",
+    "drop_collection_properties",
+}
+
+
 class TestMilvusContract(StoreContract):
     score_tol = 1e-5
+    small_batch_options = {"batch_size": 3}
+
+    def failing_write(self, store, step):
+        return failing_calls(
+            store, "client", MILVUS_WRITES, step, lambda: MilvusException(message="injected")
+        )
+
+    def store_state(self, store):
+        """Token rows of the companion collection: a failed add must leave none behind."""
+        if store.layout != "companion":
+            return None
+        rows = store.client.query(store.companion, filter="pos >= 0", output_fields=["count(*)"])
+        return rows[0]["count(*)"]
 
     @pytest.fixture
     def store_factory(self, make_store):
