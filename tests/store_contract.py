@@ -401,7 +401,7 @@ class DataSafetyContract:
             assert store.count() == 12, f"failure at write {step}"
             assert _snapshot(store, ids) == before, f"failure at write {step}"
             assert self.store_state(store) == state, f"failure at write {step}"  # type: ignore[attr-defined]
-        if not self.atomic_add:  # type: ignore[attr-defined]
+        if not self.one_write_call:  # type: ignore[attr-defined]
             assert step > 2, "the add should need several write requests"
         assert store.count() == 24
         got = {r.id: r for r in store.get(ids[8:])}
@@ -422,8 +422,8 @@ class StoreContract(DataSafetyContract):
     can_reopen: bool = True
     #: Factory options that make the store write a batch in several requests of few documents.
     small_batch_options: dict[str, Any] = {}
-    #: Whether an add is one write whatever its size (the in-memory store).
-    atomic_add: bool = False
+    #: Whether an add is one write call whatever its size (in-memory; Elasticsearch: one bulk).
+    one_write_call: bool = False
 
     @contextlib.contextmanager
     def failing_write(self, store: M3Store, step: int) -> Iterator[list[int]]:

@@ -24,7 +24,7 @@ from m3connect.stores.memory import InMemoryStore
 
 class TestInMemoryContract(StoreContract):
     can_reopen = False
-    atomic_add = True
+    one_write_call = True
 
     @contextlib.contextmanager
     def failing_write(self, store, step):
