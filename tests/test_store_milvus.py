@@ -766,3 +766,17 @@ def test_live_server_contract_sample():
             if client.has_collection(collection):
                 client.drop_collection(collection)
         client.close()
+
+
+def test_the_issue_15_batch_is_refused_before_any_write(make_store, client):
+    """300 documents whose last metadata holds 2**70 (valid JSON, beyond every database's
+    ints): refused before the first write, no document and no token row left behind."""
+    store = make_store(name="int70")
+    ids = [f"d{i}" for i in range(300)]
+    metadatas = [{"n": i} for i in range(299)] + [{"n": 2**70}]
+    with pytest.raises(StoreError, match="64 bits"):
+        store.add(ids, synthetic_embeddings(300, seed=70), metadatas=metadatas)
+    assert store.count() == 0
+    if client.has_collection(store.companion):
+        rows = client.query(store.companion, filter="pos >= 0", output_fields=["count(*)"])
+        assert rows[0]["count(*)"] == 0
