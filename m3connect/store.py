@@ -374,15 +374,19 @@ class M3Store(StoreBase, ABC):
         texts: Sequence[str | None] | None = None,
         metadatas: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> None:
-        """Upsert pre-encoded documents: an existing id is replaced in every field."""
+        """Upsert pre-encoded documents: an existing id is replaced in every field. The batch
+        lands whole or not at all: bad input is a :class:`StoreError` before any write, and a
+        database error part way is undone (:func:`write_or_roll_back`)."""
 
     @abstractmethod
     def get(self, ids: Sequence[DocId], *, with_vectors: bool = False) -> list[Record]:
-        """The stored documents among ``ids``, in the order asked; unknown ids are skipped."""
+        """The stored documents among ``ids``, in the order asked; unknown ids are skipped.
+        A bare string or int is one id (see :func:`id_list`)."""
 
     @abstractmethod
     def delete(self, ids: Sequence[DocId] | None = None, *, filter: FilterLike = None) -> None:
-        """Delete by ids, by filter, or both (documents matching either). Unknown ids are ignored."""
+        """Delete by ids, by filter, or both (documents matching either). Unknown ids are
+        ignored; a bare string or int is one id (``delete("abc")`` deletes ``"abc"`` only)."""
 
     @abstractmethod
     def count(self, *, filter: FilterLike = None) -> int:

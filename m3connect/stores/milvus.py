@@ -21,7 +21,11 @@ never has to care; ``multivector=`` forces one):
   row per token vector (``doc`` = the document's pk, ``gen``, ``pos``, ``vec``). The document row
   keeps ``colbert_gen`` and ``colbert_len``; token rows of another generation are stale and
   ignored, so an upsert (new tokens first, then the document row, then stale tokens removed) is
-  never seen half done. ``mode="colbert"`` is exact: token-level searches give each document an
+  never seen half done. A property ``m3connect.pending.<gen>`` marks an add in flight: a
+  process killed mid-add leaves it, and the next attach deletes that generation's orphaned
+  token rows (and the older rows of documents that did switch), and creates any index a
+  creation cut short left missing. An add that fails with a database error is undone
+  (:func:`m3connect.store.write_or_roll_back`). ``mode="colbert"`` is exact: token-level searches give each document an
   upper bound, candidates are re-scored exactly with :func:`m3connect.scoring.colbert_scores`,
   and the token limit grows until the bounds prove that no other document can enter the top
   (a threshold algorithm). ``colbert_exact=False`` stops after the first round instead.
