@@ -294,3 +294,11 @@ def test_the_cli_never_echoes_a_password(caplog) -> None:
     _assert_hidden(result.output)
     _assert_hidden(caplog.text)
     assert "environment" in result.output
+
+
+def test_a_local_path_with_an_at_sign_round_trips() -> None:
+    """str() of a parsed URI is what workers reopen: only remote URIs are ever redacted (and a
+    parsed remote URI holds no "@")."""
+    uri = parse_store_uri("qdrant:./data@v2/m3.qdrant#docs")
+    assert parse_store_uri(str(uri)) == uri
+    assert str(uri) == "qdrant:./data@v2/m3.qdrant#docs"

@@ -403,23 +403,9 @@ class _QdrantBase(StoreBase):
         }
 
     def _prepare(self, ids, embeddings, texts, metadatas) -> PreparedBatch:  # type: ignore[no-untyped-def]
-        """Validate everything the database could refuse, before anything is written."""
-        batch = self.prepare_batch(ids, embeddings, texts, metadatas)
-        for doc_id, meta, weights in zip(
-            batch.ids, batch.metadatas, batch.embeddings.sparse or [], strict=False
-        ):
-            try:
-                json.dumps(meta, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise StoreError(
-                    f"metadata of id {doc_id!r} cannot be stored as JSON: {exc}"
-                ) from None
-            bad = [t for t in weights if not 0 <= t <= _MAX_TOKEN_ID]
-            if bad:
-                raise StoreError(
-                    f"sparse token ids of id {doc_id!r} must be in [0, 2^32), got {bad[:3]}"
-                )
-        return batch
+        """Validate everything the database could refuse, before anything is written: the
+        core's validation (JSON metadata, 64-bit ints, token ids in [0, 2^32)) covers Qdrant."""
+        return self.prepare_batch(ids, embeddings, texts, metadatas)
 
     def _one_request(self, batch: PreparedBatch) -> bool:
         """Whether ``batch`` is written in one request (applied whole or not at all)."""
