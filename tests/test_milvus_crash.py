@@ -23,6 +23,9 @@ from pymilvus import MilvusClient  # noqa: E402
 
 from m3connect.stores.milvus import COMPANION_SUFFIX, PROP_PENDING_PREFIX, MilvusStore  # noqa: E402
 
+# About 25 processes, one Milvus Lite start each: CI runs them, make test-fast leaves them out.
+pytestmark = pytest.mark.slow
+
 NAME = "kill"
 BATCH = 4
 WRITES = (
