@@ -55,7 +55,10 @@ def _reference(
     if in_batch:
         first = np.arange(n) * GROUP
     else:
-        scores = {k: np.stack([v[i, i * GROUP : (i + 1) * GROUP] for i in range(n)]) for k, v in scores.items()}
+        scores = {
+            k: np.stack([v[i, i * GROUP : (i + 1) * GROUP] for i in range(n)])
+            for k, v in scores.items()
+        }
         first = np.zeros(n, dtype=int)
     scores["ensemble"] = scores["dense"] + 0.3 * scores["sparse"] + scores["colbert"]
     out: dict[str, float] = {}
@@ -76,7 +79,9 @@ def _reference(
         teacher_p = np.exp(_log_softmax(scores["ensemble"]))
         for name in ("dense", "sparse", "colbert"):
             out[f"distill_{name}"] = float(-(teacher_p * _log_softmax(scores[name])).sum(1).mean())
-        loss = (loss + (out["distill_dense"] + 0.1 * out["distill_sparse"] + out["distill_colbert"]) / 3) / 2
+        loss = (
+            loss + (out["distill_dense"] + 0.1 * out["distill_sparse"] + out["distill_colbert"]) / 3
+        ) / 2
     out["loss"] = loss
     return out
 
@@ -129,7 +134,11 @@ def test_gradients_reach_body_and_both_heads(m3_checkpoint) -> None:
     model = M3TrainModel.from_encoder(encoder).requires_grad_(True)
     result = unified_loss(model, QUERIES, PASSAGES, group_size=GROUP)
     result.total.backward()
-    for name in ("model.embeddings.word_embeddings.weight", "colbert_linear.weight", "sparse_linear.weight"):
+    for name in (
+        "model.embeddings.word_embeddings.weight",
+        "colbert_linear.weight",
+        "sparse_linear.weight",
+    ):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and float(grad.abs().sum()) > 0, name
     # Only the dense part trains nothing in the heads.

@@ -10,6 +10,13 @@ ColBERT outputs with self-knowledge distillation, on length-grouped batches.
 Command line: ``m3connect finetune DATA.jsonl --model BASE --output DIR``.
 """
 
+from m3connect.finetune.data import (
+    TrainingData,
+    TrainingDataError,
+    TrainingExample,
+    read_training_data,
+    sample_group,
+)
 from m3connect.finetune.loss import (
     DEFAULT_TEMPERATURE,
     PARTS,
@@ -21,8 +28,20 @@ from m3connect.finetune.loss import (
     sparse_score_matrix,
     unified_loss,
 )
+from m3connect.finetune.sampler import LengthGroupedSampler
+from m3connect.finetune.trainer import FinetuneError, Trainer, TrainingConfig, TrainingResult
 
 __all__ = [
+    "FinetuneError",
+    "LengthGroupedSampler",
+    "Trainer",
+    "TrainingConfig",
+    "TrainingData",
+    "TrainingDataError",
+    "TrainingExample",
+    "TrainingResult",
+    "read_training_data",
+    "sample_group",
     "DEFAULT_TEMPERATURE",
     "PARTS",
     "M3Reps",
