@@ -1,6 +1,7 @@
 """The paper's length-grouped batches for training.
 
-Examples are put in length buckets (powers of two: up to 64 tokens, 128, 256, ...); each batch
+Examples are put in length buckets (up to 64 tokens, 91, 128, 182, 256, ...: each bucket
+~1.41 times the previous one, so a batch pads at most ~30% of its tokens); each batch
 is drawn from one bucket, so a batch pads to about its own length rather than to the longest
 text of the data set, and a bucket's batch holds as many examples as fit a token budget (larger
 batches for short texts), at most ``batch_size``. Batches are shuffled within buckets and then
@@ -18,13 +19,17 @@ from collections.abc import Sequence
 
 __all__ = ["LengthGroupedSampler", "bucket_of", "padded_tokens"]
 
-#: The upper length of the smallest bucket; each next bucket doubles it.
+#: The upper length of the smallest bucket; each next bucket is BUCKET_GROWTH times longer.
 SMALLEST_BUCKET = 64
+BUCKET_GROWTH = math.sqrt(2)
 
 
 def bucket_of(length: int) -> int:
-    """The upper length of the bucket of ``length`` (64, 128, 256, ...)."""
-    return SMALLEST_BUCKET << max(0, math.ceil(math.log2(max(length, 1) / SMALLEST_BUCKET)))
+    """The upper length of the bucket of ``length`` (64, 91, 128, 182, 256, ...)."""
+    k = 0
+    while SMALLEST_BUCKET * BUCKET_GROWTH**k < length:
+        k += 1
+    return math.ceil(SMALLEST_BUCKET * BUCKET_GROWTH**k - 1e-9)
 
 
 def padded_tokens(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> int:
