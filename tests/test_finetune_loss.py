@@ -171,3 +171,19 @@ def test_dropout_follows_the_callers_mode(m3_checkpoint) -> None:
 def test_bad_arguments_are_named(m3_encoder: M3Encoder, kwargs, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         unified_loss(m3_encoder, QUERIES, PASSAGES, **kwargs)
+
+
+def test_colbert_padding_rule() -> None:
+    """Real passage rows only by default; FlagEmbedding's padding rows scoring 0 on request."""
+    from m3connect.finetune import colbert_score_matrix
+
+    query = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]])  # 2 real rows + padding
+    query_mask = torch.tensor([[1.0, 1.0, 0.0]])
+    passage = torch.tensor([[[-0.6, -0.8], [0.0, 0.0]]])  # 1 real row + padding
+    passage_mask = torch.tensor([[1.0, 0.0]])
+    real = colbert_score_matrix(query, query_mask, passage, passage_mask)
+    assert real.item() == pytest.approx((-0.6 - 0.8) / 2)
+    padded = colbert_score_matrix(
+        query, query_mask, passage, passage_mask, padding_scores_zero=True
+    )
+    assert padded.item() == pytest.approx(0.0)

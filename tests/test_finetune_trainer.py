@@ -160,6 +160,22 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(
         assert torch.equal(expected[key], got[key]), key
 
 
+def test_gradient_checkpointing_trains_the_same_weights(
+    tmp_path: Path, m3_checkpoint: Path, one_thread
+) -> None:
+    data = _small_data(tmp_path / "train.jsonl", n=8)
+    plain, recomputed = tmp_path / "plain", tmp_path / "recomputed"
+    Trainer(_small_config(data, m3_checkpoint, plain, epochs=1), progress=False).train()
+    config = _small_config(data, m3_checkpoint, recomputed, epochs=1, gradient_checkpointing=True)
+    Trainer(config, progress=False).train()
+    expected, got = _weights(plain), _weights(recomputed)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert not torch.equal(
+        expected["sparse_linear.weight"], _weights(m3_checkpoint)["sparse_linear.weight"]
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------

@@ -293,9 +293,7 @@ class Trainer:
         if "sparse" not in self.config.parts:
             model.sparse_linear.requires_grad_(False)
         if self.config.gradient_checkpointing:
-            model.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            _checkpointing(model.model, True)
         return model.train()
 
     def _lengths(self, model: M3TrainModel, data: TrainingData) -> list[int]:
@@ -589,7 +587,7 @@ class Trainer:
         """The BGE-M3 layout: body, both heads as float32 state dicts, tokenizer."""
         body = model.model
         if self.config.gradient_checkpointing:
-            body.gradient_checkpointing_disable()
+            _checkpointing(body, False)
         body.save_pretrained(self.output, safe_serialization=True)
         for name, head in (
             ("colbert_linear.pt", model.colbert_linear),
@@ -600,3 +598,17 @@ class Trainer:
                 self.output / name,
             )
         model.tokenizer.save_pretrained(self.output)
+
+
+def _checkpointing(body: Any, enable: bool) -> None:
+    """Activation (gradient) checkpointing on or off, under transformers 5's name where it has
+    one. Non-reentrant: the recomputation restores the dropout RNG and works under DDP."""
+    if hasattr(body, "activation_checkpointing_enable"):
+        if enable:
+            body.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            body.activation_checkpointing_disable()
+    elif enable:
+        body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        body.gradient_checkpointing_disable()
