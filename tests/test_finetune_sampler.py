@@ -63,3 +63,19 @@ def test_shards_split_the_batches_evenly_across_processes(world: int) -> None:
     seen = [tuple(b) for s in shards for b in s]
     assert len(seen) == len(set(seen))
     assert len(seen) == len(sampler) - len(sampler) % world
+
+
+def test_registering_the_command_does_not_import_torch() -> None:
+    """`m3connect --help` stays instant: the finetune package loads its parts on first use."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, m3connect.cli; print('torch' in sys.modules, 'finetune' in m3connect.cli.main.commands)"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.split() == ["False", "True"]
