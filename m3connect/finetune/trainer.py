@@ -256,13 +256,16 @@ class Trainer:
             if self.overwrite and (self.output / CHECKPOINTS).is_dir():
                 shutil.rmtree(self.output / CHECKPOINTS)
             self.output.mkdir(parents=True, exist_ok=True)
+        root = logging.getLogger("m3connect")
+        level = root.level
         log_handler = self._open_log()
         try:
             data = read_training_data(cfg.data, group_size=cfg.group_size, on_error=cfg.on_error)  # type: ignore[arg-type]
             return self._run(data, device, amp_dtype, saved_state, started)
         finally:
             if log_handler is not None:
-                logging.getLogger("m3connect").removeHandler(log_handler)
+                root.removeHandler(log_handler)
+                root.setLevel(level)
                 log_handler.close()
 
     def _open_log(self) -> logging.Handler | None:
@@ -467,7 +470,9 @@ class Trainer:
         scaler: Any,
     ) -> dict[str, float]:
         """Gradients of one batch, in micro-batches when an earlier one ran out of memory
-        (each micro-batch is scored against its own passages)."""
+        (each micro-batch is scored against its own passages). Under DDP every process must
+        split alike: an out-of-memory error in one process only is not recovered (the others
+        wait for its gradients); lower --batch-size or --batch-tokens instead."""
         cfg = self.config
         groups = [sample_group(data.examples[i], cfg.group_size, cfg.seed, epoch, i) for i in batch]
         while True:
