@@ -611,6 +611,16 @@ class M3Encoder:
         return self._max_length
 
     @property
+    def colbert_linear(self) -> torch.nn.Linear:
+        """The ColBERT head (float32; ``m3connect.finetune`` trains it in place)."""
+        return self._colbert
+
+    @property
+    def sparse_linear(self) -> torch.nn.Linear:
+        """The sparse head (float32; ``m3connect.finetune`` trains it in place)."""
+        return self._sparse
+
+    @property
     def special_token_ids(self) -> frozenset[int]:
         """Ids dropped from the sparse weights: ``<s>``, ``</s>``, ``<pad>``, ``<unk>``."""
         return frozenset(int(i) for i in self._special_ids)
