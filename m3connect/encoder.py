@@ -17,6 +17,7 @@ per token against the body's dozens, and float32 keeps the L2 normalisation and 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from m3connect.batching import DEFAULT_BATCH_TOKENS, OOMSplitter, plan_batches
-from m3connect.fingerprint import ModelFingerprint
+from m3connect.fingerprint import ModelFingerprint, weights_sha256
 from m3connect.types import M3Embedding, M3Output, SparseWeights
 
 __all__ = ["CheckpointError", "M3Encoder", "DEFAULT_MODEL", "DEFAULT_BATCH_TOKENS"]
@@ -98,7 +99,9 @@ def _download_hint(repo_id: str) -> str:
         f"--local-dir {local}`), copy the folder here and pass the local folder path "
         f"(M3Encoder.from_pretrained({local!r}), or `--model {local}` on the command line). "
         f"Alternatively set HF_HOME to a Hugging Face cache that already holds it and "
-        f"HF_HUB_OFFLINE=1 so that the network is not tried."
+        f"HF_HUB_OFFLINE=1 so that the network is not tried. To try the pipeline without the "
+        f"weights, use the model name 'random' (a small random checkpoint with the same "
+        f"layout; `m3connect testing-checkpoint DIR` writes one into a folder)."
     )
 
 
@@ -228,6 +231,10 @@ def resolve_checkpoint(
     """The local folder of a checkpoint given as a folder path or a hub id (downloading it if
     needed and possible). Raises :class:`CheckpointError` with what to do otherwise."""
     name = os.fspath(name_or_path)
+    if name == "random":  # m3connect.testing.RANDOM_MODEL: the small random checkpoint
+        from m3connect.testing import random_checkpoint
+
+        return random_checkpoint()
     folder = Path(name).expanduser()
     if folder.is_dir():
         _check_folder(folder, repr(name))
@@ -353,6 +360,18 @@ def _load_head(path: Path, kind: str, hidden_size: int) -> dict[str, torch.Tenso
     return {"weight": weight, "bias": bias}
 
 
+def _body_files(folder: Path) -> list[Path]:
+    """The files holding a checkpoint's body weights (what transformers loads)."""
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        return [folder / shard for shard in shards]
+    return sorted(folder.glob("pytorch_model*.bin"))
+
+
 def _heads_sha256(heads: Mapping[str, Mapping[str, torch.Tensor]]) -> str:
     """sha256 over the heads as stored: per head (colbert, sparse), per key (sorted), the
     name, dtype and shape, then the raw bytes. Independent of the compute dtype and device."""
@@ -414,7 +433,9 @@ class M3Encoder:
     dense, sparse and ColBERT vectors of every text.
 
     Build it with :meth:`from_pretrained`. The constructor takes already-loaded parts, for a
-    model fine-tuned in the same process.
+    model fine-tuned in the same process; ``body_sha256`` is the body's
+    :func:`~m3connect.fingerprint.weights_sha256` when known ("" otherwise: the fingerprint
+    then identifies the body only by the heads and dimensions).
     """
 
     def __init__(
@@ -426,7 +447,9 @@ class M3Encoder:
         *,
         name: str,
         device: torch.device | str | None = None,
+        body_sha256: str = "",
     ) -> None:
+        self._body_sha256 = body_sha256
         self._device = (
             torch.device(device) if device is not None else next(model.parameters()).device
         )
@@ -481,7 +504,9 @@ class M3Encoder:
         token: str | bool | None = None,
         local_files_only: bool = False,
     ) -> M3Encoder:
-        """Load a checkpoint from a local folder or the Hugging Face Hub.
+        """Load a checkpoint from a local folder or the Hugging Face Hub; ``"random"`` loads a
+        small random checkpoint of the same layout (:func:`m3connect.testing.random_checkpoint`:
+        no download, meaningless vectors) to try the pipeline.
 
         ``device`` defaults to CUDA, then MPS, then CPU. ``dtype`` is the body's compute dtype
         (``"float32"``, ``"float16"``, ``"bfloat16"`` or a ``torch.dtype``). Raises
@@ -538,7 +563,13 @@ class M3Encoder:
         sparse = _load_head(folder / HEAD_FILES["sparse"], "sparse", hidden)
         logger.info("loaded %s from %s on %s (%s)", name, folder, target, torch_dtype)
         return cls(
-            model, tokenizer, colbert, sparse, name=name.rstrip("/\\") or name, device=target
+            model,
+            tokenizer,
+            colbert,
+            sparse,
+            name=name.rstrip("/\\") or name,
+            device=target,
+            body_sha256=weights_sha256(_body_files(folder)),
         )
 
     # -- properties ------------------------------------------------------------------------
@@ -580,6 +611,16 @@ class M3Encoder:
         return self._max_length
 
     @property
+    def colbert_linear(self) -> torch.nn.Linear:
+        """The ColBERT head (float32; ``m3connect.finetune`` trains it in place)."""
+        return self._colbert
+
+    @property
+    def sparse_linear(self) -> torch.nn.Linear:
+        """The sparse head (float32; ``m3connect.finetune`` trains it in place)."""
+        return self._sparse
+
+    @property
     def special_token_ids(self) -> frozenset[int]:
         """Ids dropped from the sparse weights: ``<s>``, ``</s>``, ``<pad>``, ``<unk>``."""
         return frozenset(int(i) for i in self._special_ids)
@@ -591,6 +632,7 @@ class M3Encoder:
             dense_dim=self.dense_dim,
             colbert_dim=self.colbert_dim,
             heads_sha256=self._heads_sha256,
+            body_sha256=self._body_sha256,
         )
 
     def __repr__(self) -> str:

@@ -27,14 +27,16 @@ never holds them, so its ``str``/``repr`` are safe to log.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from m3connect.fingerprint import ModelFingerprint
 
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "UriError",
+    "StoreNotFoundError",
     "StoreURI",
     "StoreHandle",
     "parse_store_uri",
@@ -51,6 +54,7 @@ __all__ = [
     "DEFAULT_STORE_URI",
     "DEFAULT_COLLECTION",
     "KINDS",
+    "redact_uri",
 ]
 
 DEFAULT_COLLECTION = "m3connect"
@@ -98,6 +102,11 @@ class UriError(ValueError):
     """A store URI that cannot be understood."""
 
 
+class StoreNotFoundError(UriError, LookupError):
+    """A store opened for reading (``open_store(..., create=False)``) that does not exist: no
+    file or folder at the path, or no such collection. A typo must not create an empty store."""
+
+
 @dataclass(frozen=True)
 class StoreURI:
     """A parsed store URI. Holds no secret: credentials are read from the environment by
@@ -126,7 +135,8 @@ class StoreURI:
             return f"{self.kind}:{self.location}{query}#{self.collection}"
         scheme = "es" if self.kind == "elasticsearch" else self.kind
         database = f"{self.database}/" if self.database else ""
-        return f"{scheme}+{self.location}/{database}{self.collection}{query}"
+        # Parsing refuses credentials; a StoreURI built by hand is redacted all the same.
+        return redact_uri(f"{scheme}+{self.location}/{database}{self.collection}{query}")
 
     def __repr__(self) -> str:
         return f"StoreURI({str(self)!r})"
@@ -227,8 +237,15 @@ class StoreHandle:
         self.uri = uri
         self.store = store
         self.client = client
+        self.closed = False
+        if client is not None:
+            _OPEN_HANDLES.add(self)
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        _OPEN_HANDLES.discard(self)
         try:
             self.store.close()
         finally:
@@ -246,6 +263,17 @@ class StoreHandle:
 
 _MEMORY_STORES: dict[str, M3Store] = {}
 _MEMORY_LOCK = threading.Lock()
+# Handles not closed by their user are closed at exit, while the interpreter still works: a
+# Qdrant local client closed by the garbage collector during shutdown raises "sys.meta_path is
+# None, Python is likely shutting down".
+_OPEN_HANDLES: weakref.WeakSet[StoreHandle] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_handles() -> None:
+    for handle in list(_OPEN_HANDLES):
+        with contextlib.suppress(Exception):
+            handle.close()
 
 
 def parse_store_uri(text: str | StoreURI) -> StoreURI:
@@ -265,6 +293,10 @@ def parse_store_uri(text: str | StoreURI) -> StoreURI:
             hint = " (name the database: qdrant+http://..., milvus+http://..., es+http://...)"
         raise UriError(f"unknown store URI {shown!r}{hint}; use one of {_EXAMPLES}")
     kind, remote = _SCHEMES[scheme]
+    # No part of a store URI holds an "@" but userinfo; a password holding "/", "?" or "#"
+    # would end the host part early, so look at the whole text before parsing any of it.
+    if remote and "@" in raw:
+        _refuse_credentials(kind, raw)
     rest, _, fragment = rest.partition("#")
     rest, _, query = rest.partition("?")
     options = _options(query, raw)
@@ -288,18 +320,14 @@ def parse_store_uri(text: str | StoreURI) -> StoreURI:
         return StoreURI(kind, location, collection, False, options=options)
 
     url = urlsplit(f"{scheme.split('+', 1)[1]}:{rest}")
-    if url.username is not None or url.password is not None or "@" in url.netloc:
-        env = " / ".join(CREDENTIAL_ENV[kind])
-        raise UriError(
-            f"credentials do not go in a store URI (they would show in logs and shell history): "
-            f"set {env} in the environment instead ({_redact(raw)})"
-        )
+    if url.username is not None or url.password is not None:
+        _refuse_credentials(kind, raw)
     if not url.hostname:
         raise UriError(f"{_redact(raw)!r} has no host")
     try:
         port = url.port
-    except ValueError as exc:
-        raise UriError(f"{_redact(raw)!r}: {exc}") from None
+    except ValueError:
+        raise UriError(f"{_redact(raw)!r}: the port must be a number from 0 to 65535") from None
     location = f"{url.scheme}://{url.netloc}"
     if port is None:
         default_port = {"qdrant": 6333, "milvus": 19530, "elasticsearch": 9200}[kind]
@@ -319,22 +347,35 @@ def parse_store_uri(text: str | StoreURI) -> StoreURI:
     return StoreURI(kind, location, collection, True, database=database, options=options)
 
 
+def _refuse_credentials(kind: str, raw: str) -> None:
+    env = " / ".join(CREDENTIAL_ENV[kind])
+    raise UriError(
+        f"credentials do not go in a store URI (they would show in logs and shell history): "
+        f"set {env} in the environment instead ({_redact(raw)})"
+    )
+
+
 def open_store(
     uri: str | StoreURI,
     *,
     encoder: M3Encoder | None = None,
     fingerprint: ModelFingerprint | None = None,
+    create: bool = True,
     **options: Any,
 ) -> StoreHandle:
     """Connect and open the store ``uri`` names: a :class:`StoreHandle` (``.store``,
     ``.close()``). ``fingerprint``/``encoder`` are passed to the store (a stored collection of
     another model or other settings is a :class:`~m3connect.fingerprint.FingerprintMismatchError`);
-    ``options`` add to the URI's query options."""
+    ``options`` add to the URI's query options. ``create=False`` opens an existing store only
+    (for reading): a path or collection that is not there is a :class:`StoreNotFoundError`, and
+    nothing is created."""
     parsed = parse_store_uri(uri)
     kwargs = {**parsed.options, **options}
     if fingerprint is not None:
         kwargs["fingerprint"] = fingerprint
     cls = parsed.store_class()
+    if not create:
+        _require_location(parsed)
     if parsed.kind == "memory":
         if not parsed.collection:
             return StoreHandle(parsed, cls(encoder, **kwargs), None)
@@ -354,11 +395,66 @@ def open_store(
         return StoreHandle(parsed, cls(parsed.edge_path(), encoder, **kwargs), None)
     client = parsed.connect()
     try:
+        if not create:
+            _require_collection(parsed, client)
         store = cls(client, parsed.collection, encoder, **kwargs)  # type: ignore[call-arg]
     except BaseException:
         _close_quietly(client)
         raise
     return StoreHandle(parsed, store, client)
+
+
+_CREATE_HINT = "`m3connect index SOURCE --store URI` creates a store"
+
+
+def _require_location(parsed: StoreURI) -> None:
+    """Before connecting (which would create it): the file or folder of an embedded store, or
+    the named in-memory store, must exist."""
+    if parsed.kind == "memory":
+        with _MEMORY_LOCK:
+            known = bool(parsed.collection) and parsed.collection in _MEMORY_STORES
+        if not known:
+            raise StoreNotFoundError(
+                f"{parsed} is not a store: an in-memory store lives only in the process that "
+                f"made it. Name a store on disk or a server; {_CREATE_HINT}"
+            )
+        return
+    if parsed.remote or parsed.location in ("", ":memory:"):
+        return
+    path = Path(parsed.location).expanduser()
+    if not path.exists():
+        raise StoreNotFoundError(
+            f"no store at {parsed.location} ({path.resolve()} does not exist): check the path "
+            f"of {parsed}; {_CREATE_HINT}"
+        )
+
+
+def _require_collection(parsed: StoreURI, client: Any) -> None:
+    """The collection (index) must exist; the message lists the ones that do, when cheap."""
+    others: list[str] | None = None
+    if parsed.kind == "qdrant" and hasattr(client, "collection_exists"):
+        if client.collection_exists(parsed.collection):
+            return
+        others = [c.name for c in client.get_collections().collections]
+    elif parsed.kind == "milvus" and hasattr(client, "has_collection"):
+        if client.has_collection(parsed.collection):
+            return
+        from m3connect.stores.milvus import COMPANION_SUFFIX
+
+        others = [n for n in client.list_collections() if not n.endswith(COMPANION_SUFFIX)]
+    elif parsed.kind == "elasticsearch" and hasattr(client, "indices"):
+        if client.indices.exists(index=parsed.collection):
+            return
+    else:  # a kind (or client) this check does not know: the store itself decides
+        return
+    where = parsed.location if not parsed.remote else f"the server {parsed.location}"
+    listing = ""
+    if others is not None:
+        listing = f" (there: {', '.join(sorted(others)[:10])})" if others else " (it holds none)"
+    raise StoreNotFoundError(
+        f"{parsed}: no collection {parsed.collection!r} at {where}{listing}; check the name "
+        f"(the part after '#' or the URL path); {_CREATE_HINT}"
+    )
 
 
 def drop_memory_store(name: str) -> None:
@@ -377,8 +473,10 @@ def _options(query: str, raw: str) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key not in _OPTIONS:
+            # The name is echoed only when it looks like one (not a stray piece of a secret).
+            shown = f" {key!r}" if _OPTION_NAME.fullmatch(key) else ""
             raise UriError(
-                f"unknown store option {key!r} in {_redact(raw)!r}; known: {', '.join(_OPTIONS)}"
+                f"unknown store option{shown} in {_redact(raw)!r}; known: {', '.join(_OPTIONS)}"
             )
         try:
             options[key] = _OPTIONS[key](value)
@@ -397,6 +495,51 @@ def _collection(name: str, raw: str) -> str:
     return name
 
 
+#: Query options whose values may be shown: the store options (never secrets). Every other
+#: option's value is hidden, whatever its name (``api_key``, ``token``, ``password``, ...).
+_SHOWN_OPTIONS = frozenset(_OPTIONS)
+_OPTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,40}")
+
+
+def redact_uri(raw: str, *, in_text: bool = False) -> str:
+    """``raw`` (a store URI) safe to show in a message, a log line or a ``repr``: its userinfo
+    (``scheme://user:password@``) is replaced by ``***``, and the value of every query option
+    other than the store options by ``***``. ``in_text``: ``raw`` is free text holding URLs
+    separated by whitespace (a password with a space cannot be told from the text there).
+
+    A password may hold any character, ``/ ? # @ : %`` included, and an option value may hold
+    an ``@``: where a secret ends cannot be told, so a URI with an ``@`` shows nothing after its
+    scheme (in free text: nothing from ``//`` to the last ``@`` of the URL). This may hide more
+    than the secret, never less."""
+    if in_text:
+        text = re.sub(r"//\S*@", "//***@", str(raw))
+        return re.sub(r"([?&])([^=&#\s]*)=([^&#\s]*)", _redact_option, text)
+    text = str(raw)
+    if "@" in text:
+        # Userinfo, or an "@" inside an option value: where the secret ends cannot be told,
+        # so nothing after the scheme is shown.
+        head, sep, _ = text.partition("//")
+        return f"{head}//***" if sep else f"{text.partition(':')[0]}:***"
+    base, question, rest = text.partition("?")
+    if not question:
+        return text
+    query, hash_sign, fragment = rest.partition("#")
+    return f"{base}?{'&'.join(_redact_pair(p) for p in query.split('&'))}{hash_sign}{fragment}"
+
+
+def _redact_pair(pair: str) -> str:
+    key, eq, _ = pair.partition("=")
+    if eq and unquote(key).strip().lower() in _SHOWN_OPTIONS:
+        return pair
+    return f"{key}=***" if eq and _OPTION_NAME.fullmatch(key) else "***"
+
+
+def _redact_option(match: re.Match[str]) -> str:
+    sep, key, value = match.groups()
+    if unquote(key).strip().lower() in _SHOWN_OPTIONS and "@" not in value:
+        return match.group(0)
+    return f"{sep}{key}=***"
+
+
 def _redact(raw: str) -> str:
-    """``raw`` with any ``user:password@`` removed, for error messages."""
-    return re.sub(r"//[^/@]*@", "//***@", raw)
+    return redact_uri(raw)

@@ -20,6 +20,7 @@ from store_contract import (
     FINGERPRINT,
     StoreContract,
     assert_same_hits,
+    failing_calls,
     synthetic_corpus,
     synthetic_embeddings,
     synthetic_queries,
@@ -29,6 +30,7 @@ pymilvus = pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
 from pymilvus import DataType, MilvusClient  # noqa: E402
+from pymilvus.exceptions import MilvusException  # noqa: E402
 
 from m3connect.filters import Field, RawFilter, matches, parse_filter  # noqa: E402
 from m3connect.fingerprint import FingerprintMismatchError  # noqa: E402
@@ -83,8 +85,30 @@ def make_store(client, prefix):
     return make
 
 
+MILVUS_WRITES = {
+    "insert",
+    "upsert",
+    "delete",
+    "alter_collection_properties",
+    "drop_collection_properties",
+}
+
+
 class TestMilvusContract(StoreContract):
     score_tol = 1e-5
+    small_batch_options = {"batch_size": 3}
+
+    def failing_write(self, store, step):
+        return failing_calls(
+            store, "client", MILVUS_WRITES, step, lambda: MilvusException(message="injected")
+        )
+
+    def store_state(self, store):
+        """Token rows of the companion collection: a failed add must leave none behind."""
+        if store.layout != "companion":
+            return None
+        rows = store.client.query(store.companion, filter="pos >= 0", output_fields=["count(*)"])
+        return rows[0]["count(*)"]
 
     @pytest.fixture
     def store_factory(self, make_store):
@@ -534,6 +558,50 @@ def test_colbert_search_is_exact_beyond_the_first_token_round(make_store):
     assert all(math.isclose(h.score, exact[h.id], abs_tol=1e-5) for h in got)  # scores stay exact
 
 
+@pytest.mark.slow
+def test_colbert_search_reads_every_row_when_bounds_cannot_prove_the_top(make_store):
+    """When more token hits would cost as much as reading the rows in scope (or the token
+    limit cannot grow), the exact answer comes from scoring every document the search may
+    return, in windows; the threshold rounds still run first."""
+    store, reference = filled_pair(make_store, colbert_token_limit=1, colbert_max_token_limit=1)
+    calls = {"scan": 0, "rounds": 0}
+    plain_scan, plain_count = _Search._score_all, _Search._token_rows
+
+    def scan(self, allowed, exact):
+        calls["scan"] += 1
+        return (yield from plain_scan(self, allowed, exact))
+
+    def rows(self, token_expr):
+        calls["rounds"] += 1
+        return (yield from plain_count(self, token_expr))
+
+    queries = synthetic_queries(synthetic_corpus()[1])[:3]
+    store._token_read_window = lambda: (5, 10)  # windows of a few documents
+    try:
+        _Search._score_all, _Search._token_rows = scan, rows
+        for query in queries:
+            for spec in (None, {"lang": "ko"}, FILTERS[next(iter(FILTERS))]):
+                params = SearchParams(mode="colbert", k=7, filter=spec)
+                expected = reference.search(query, params)
+                got = store.search(query, params)
+                assert [h.id for h in got] == [h.id for h in expected]
+                assert [h.score for h in got] == pytest.approx(
+                    [h.score for h in expected], abs=1e-5
+                )
+    finally:
+        _Search._score_all, _Search._token_rows = plain_scan, plain_count
+    assert calls["scan"] >= len(queries) and calls["rounds"] >= len(queries)
+    unselective = make_store(
+        name="main", colbert_token_limit=1, colbert_max_token_limit=1, colbert_filter_list_max=2
+    )
+    for spec in FILTERS.values():
+        params = SearchParams(mode="colbert", k=10, filter=spec)
+        assert [h.id for h in unselective.search(queries[1], params)] == [
+            h.id for h in reference.search(queries[1], params)
+        ]
+
+
+@pytest.mark.slow
 def test_colbert_with_an_unselective_filter(make_store):
     """A filter matching more documents than ``colbert_filter_list_max`` is checked per round."""
     store, reference = filled_pair(make_store, colbert_filter_list_max=3, colbert_token_limit=4)
@@ -742,3 +810,17 @@ def test_live_server_contract_sample():
             if client.has_collection(collection):
                 client.drop_collection(collection)
         client.close()
+
+
+def test_the_issue_15_batch_is_refused_before_any_write(make_store, client):
+    """300 documents whose last metadata holds 2**70 (valid JSON, beyond every database's
+    ints): refused before the first write, no document and no token row left behind."""
+    store = make_store(name="int70")
+    ids = [f"d{i}" for i in range(300)]
+    metadatas = [{"n": i} for i in range(299)] + [{"n": 2**70}]
+    with pytest.raises(StoreError, match="64 bits"):
+        store.add(ids, synthetic_embeddings(300, seed=70), metadatas=metadatas)
+    assert store.count() == 0
+    if client.has_collection(store.companion):
+        rows = client.query(store.companion, filter="pos >= 0", output_fields=["count(*)"])
+        assert rows[0]["count(*)"] == 0

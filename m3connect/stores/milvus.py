@@ -21,10 +21,17 @@ never has to care; ``multivector=`` forces one):
   row per token vector (``doc`` = the document's pk, ``gen``, ``pos``, ``vec``). The document row
   keeps ``colbert_gen`` and ``colbert_len``; token rows of another generation are stale and
   ignored, so an upsert (new tokens first, then the document row, then stale tokens removed) is
-  never seen half done. ``mode="colbert"`` is exact: token-level searches give each document an
+  never seen half done. A property ``m3connect.pending.<gen>`` marks an add in flight: a
+  process killed mid-add leaves it, and the next attach deletes that generation's orphaned
+  token rows (and the older rows of documents that did switch), and creates any index a
+  creation cut short left missing. An add that fails with a database error is undone
+  (:func:`m3connect.store.write_or_roll_back`). ``mode="colbert"`` is exact: token-level searches give each document an
   upper bound, candidates are re-scored exactly with :func:`m3connect.scoring.colbert_scores`,
   and the token limit grows until the bounds prove that no other document can enter the top
-  (a threshold algorithm). ``colbert_exact=False`` stops after the first round instead.
+  (a threshold algorithm). Once a further round would return as many token hits as the rows
+  in scope hold, every document in scope is scored from its rows instead, window by window: the
+  cost stays bounded by the rows in scope whatever the bounds. ``colbert_exact=False`` stops
+  after the first round instead.
 
 Model fingerprint, layout and schema version live in the collection's properties and are
 checked whenever a store attaches to an existing collection.
@@ -100,6 +107,8 @@ from m3connect.store import (
     StoreBase,
     StoreError,
     check_delete_target,
+    id_list,
+    write_or_roll_back,
 )
 from m3connect.types import DocId, M3Embedding, M3Output
 
@@ -139,6 +148,10 @@ PROP_FINGERPRINT = "m3connect.fingerprint"
 PROP_LAYOUT = "m3connect.layout"
 PROP_SCHEMA = "m3connect.schema_version"
 PROP_LIST_LENGTHS = "m3connect.numeric_list_lengths"
+#: A property ``m3connect.pending.<gen>`` marks a companion-token generation whose add has not
+#: finished: set before its first token row is written, dropped once the add is complete. A
+#: process killed in between leaves it, and the next attach repairs that generation.
+PROP_PENDING_PREFIX = "m3connect.pending."
 SCHEMA_VERSION = "1"
 
 VARCHAR_MAX = 65535  # bytes on servers (Milvus Lite counts characters: bytes bound both)
@@ -398,7 +411,7 @@ def _drive_sync(client: Any, steps: Steps) -> Any:
         while True:
             try:
                 result = getattr(client, call.method)(**call.kwargs)
-            except MilvusException as exc:
+            except Exception as exc:  # the operation decides (the write protocol undoes)
                 call = steps.throw(exc)
             else:
                 call = steps.send(result)
@@ -412,7 +425,7 @@ async def _drive_async(client: Any, steps: Steps) -> Any:
         while True:
             try:
                 result = await getattr(client, call.method)(**call.kwargs)
-            except MilvusException as exc:
+            except Exception as exc:  # the operation decides (the write protocol undoes)
                 call = steps.throw(exc)
             else:
                 call = steps.send(result)
@@ -557,12 +570,88 @@ class _MilvusCore(StoreBase):
             companion = yield Call("describe_collection", {"collection_name": self.companion})
             self._check_fields(self.companion, companion, self._expected_companion_fields(stored))
         self._list_lengths = json.loads(properties.get(PROP_LIST_LENGTHS) or "{}")
+        if layout == "companion":
+            # A process killed while creating the collections leaves them without indexes (a
+            # server >= 2.6.4, the struct layout, creates a collection with its indexes).
+            yield from self._create_missing_indexes(self.collection, self.main_index_params())
+            yield from self._create_missing_indexes(self.companion, self.companion_index_params())
         # A collection opened by a new process (a Milvus Lite file included) starts released:
         # every read would fail until it is loaded.
         yield Call("load_collection", {"collection_name": self.collection})
         if layout == "companion":
             yield Call("load_collection", {"collection_name": self.companion})
         self._exists = True
+        pending = sorted(k for k in properties if k.startswith(PROP_PENDING_PREFIX))
+        for key in pending:
+            yield from self._repair_generation(key[len(PROP_PENDING_PREFIX) :])
+
+    def _create_missing_indexes(self, name: str, index_params: Any) -> Steps:
+        """Create the indexes of ``name`` that do not exist (a creation cut short)."""
+        if self.is_lite and self._is_async:
+            return  # the async store never creates Lite indexes (see _create_collection)
+        have = set((yield Call("list_indexes", {"collection_name": name})) or ())
+        missing = [i for i in index_params if (i.index_name or i.field_name) not in have]
+        if not missing:
+            return
+        logger.warning(
+            "Milvus collection %r lacks the index of %s (a creation cut short): creating it",
+            name,
+            ", ".join(index.field_name for index in missing),
+        )
+        params = MilvusClient.prepare_index_params()
+        params.extend(missing)
+        kwargs: dict[str, Any] = {"collection_name": name, "index_params": params}
+        if self.is_lite:
+            kwargs["sync"] = False
+        yield Call("create_index", kwargs)
+
+    def _repair_generation(self, gen: str) -> Steps:
+        """Finish the cleanup of an add that was cut short (see ``PROP_PENDING_PREFIX``):
+        documents that switched to ``gen`` lose their older token rows; token rows of ``gen``
+        whose document never switched to it are deleted; then the marker goes."""
+        if not re.fullmatch(r"[0-9a-f]{32}", gen):
+            raise StoreError(
+                f"collection {self.collection!r} has a malformed pending marker {gen!r}"
+            )
+        window = MILVUS_TOPK_MAX
+        while True:
+            switched = yield from self._matching_pks(f"{COLBERT_GEN} == {quote(gen)}", window)
+            rows = yield from self._query(
+                self.companion,
+                f"{TOKEN_GEN} == {quote(gen)} and {TOKEN_POS} == 0",
+                [TOKEN_DOC],
+                window,
+            )
+            orphaned = sorted({row[TOKEN_DOC] for row in rows} - set(switched))
+            for chunk in _chunks(switched, PK_LIST_CHUNK):
+                yield Call(
+                    "delete",
+                    {
+                        "collection_name": self.companion,
+                        "filter": f"{TOKEN_DOC} in {_pk_list(chunk)} and {TOKEN_GEN} != {quote(gen)}",
+                    },
+                )
+            for chunk in _chunks(orphaned, PK_LIST_CHUNK):
+                yield Call(
+                    "delete",
+                    {
+                        "collection_name": self.companion,
+                        "filter": f"{TOKEN_DOC} in {_pk_list(chunk)} and {TOKEN_GEN} == {quote(gen)}",
+                    },
+                )
+            if len(rows) < window or not orphaned:
+                break
+        logger.warning(
+            "Milvus collection %r: repaired the token rows of an add that was cut short "
+            "(%d documents kept it, %d orphaned token sets deleted)",
+            self.collection,
+            len(switched),
+            len(orphaned),
+        )
+        yield Call(
+            "drop_collection_properties",
+            {"collection_name": self.collection, "property_keys": [PROP_PENDING_PREFIX + gen]},
+        )
 
     def _expected_main_fields(self, fp: ModelFingerprint) -> dict[str, tuple[Any, int | None]]:
         fields: dict[str, tuple[Any, int | None]] = {
@@ -709,9 +798,18 @@ class _MilvusCore(StoreBase):
                 yield from self._create_collection(
                     self.companion, self.companion_schema(fp), self.companion_index_params(), None
                 )
-            else:  # left by an earlier attempt: it must fit
+            else:  # left by an earlier attempt: it must fit, and may lack its index
                 companion = yield Call("describe_collection", {"collection_name": self.companion})
                 self._check_fields(self.companion, companion, self._expected_companion_fields(fp))
+                yield from self._create_missing_indexes(
+                    self.companion, self.companion_index_params()
+                )
+                if not self._is_async:
+                    yield Call("load_collection", {"collection_name": self.companion})
+                # Token rows of an add killed before the document collection existed.
+                yield Call(
+                    "delete", {"collection_name": self.companion, "filter": f"{TOKEN_POS} >= 0"}
+                )
         yield from self._create_collection(
             self.collection, self.main_schema(fp), self.main_index_params(), self._properties(fp)
         )
@@ -874,9 +972,38 @@ class _MilvusCore(StoreBase):
         if not batch.ids:
             return
         gen = uuid.uuid4().hex
-        rows, tokens, lengths = self._rows(batch, gen)  # every check before the first write
+        rows = self._rows(batch, gen)  # every check before the first write
         if not self._exists:
             yield from self._create()
+
+        def write(b: PreparedBatch) -> Steps:
+            if b is batch:
+                yield from self._write(*rows, gen)
+            else:  # the documents a failed add replaced, written back
+                again = uuid.uuid4().hex
+                yield from self._write(*self._rows(b, again), again)
+
+        def read(doc_ids: list[DocId]) -> Steps:
+            return (yield from self._get(doc_ids, True))
+
+        def remove(doc_ids: list[DocId]) -> Steps:
+            yield from self._delete(doc_ids, None)
+
+        one_request = len(list(self._row_batches(rows[0], self.fingerprint.dense_dim))) == 1  # type: ignore[union-attr]
+        yield from write_or_roll_back(
+            batch, write, read, remove, atomic=self.layout == "struct" and one_request
+        )
+
+    def _write(
+        self,
+        rows: list[dict[str, Any]],
+        tokens: list[dict[str, Any]],
+        lengths: dict[str, int],
+        gen: str,
+    ) -> Steps:
+        """Write validated rows: companion tokens first (a new generation nobody reads yet, its
+        pending marker set before), then the document rows switch to it, then the replaced
+        documents' old generations go and the marker with them."""
         grown = {k: n for k, n in lengths.items() if n > self._list_lengths.get(k, 1)}
         if grown:
             # Filters must know the longest numeric list before any row holds one.
@@ -905,18 +1032,32 @@ class _MilvusCore(StoreBase):
                 replaced += [row[PK] for row in found]
             # New tokens first (a new generation nobody reads yet), then the documents switch to
             # it, then the old generation goes: a reader never sees a document half written.
-            per_request = max(1, REQUEST_BYTES // (4 * dim + 64))
+            # The marker lets the next attach finish the cleanup of a killed add.
+            yield Call(
+                "alter_collection_properties",
+                {
+                    "collection_name": self.collection,
+                    "properties": {PROP_PENDING_PREFIX + gen: "1"},
+                },
+            )
+            # Token rows in requests sized by bytes (a vector and its row's keys), not by count.
+            per_request = max(1, REQUEST_BYTES // (4 * dim + 64 + 2 * len(gen)))
             for chunk in _chunks(tokens, per_request):
                 yield Call("insert", {"collection_name": self.companion, "data": list(chunk)})
         for chunk in self._row_batches(rows, self.fingerprint.dense_dim):  # type: ignore[union-attr]
             yield Call("upsert", {"collection_name": self.collection, "data": chunk})
-        for chunk in _chunks(replaced, PK_LIST_CHUNK):
+        if self.layout == "companion":
+            for chunk in _chunks(replaced, PK_LIST_CHUNK):
+                yield Call(
+                    "delete",
+                    {
+                        "collection_name": self.companion,
+                        "filter": f"{TOKEN_DOC} in {_pk_list(chunk)} and {TOKEN_GEN} != {quote(gen)}",
+                    },
+                )
             yield Call(
-                "delete",
-                {
-                    "collection_name": self.companion,
-                    "filter": f"{TOKEN_DOC} in {_pk_list(chunk)} and {TOKEN_GEN} != {quote(gen)}",
-                },
+                "drop_collection_properties",
+                {"collection_name": self.collection, "property_keys": [PROP_PENDING_PREFIX + gen]},
             )
 
     def _refresh_list_lengths(self) -> Steps:
@@ -949,6 +1090,7 @@ class _MilvusCore(StoreBase):
         limit: int | None = None,
         *,
         user_expr: bool = False,
+        vectors_as_arrays: bool = False,
     ) -> Steps:
         kwargs: dict[str, Any] = {
             "collection_name": collection,
@@ -957,6 +1099,10 @@ class _MilvusCore(StoreBase):
         }
         if limit is not None:
             kwargs["limit"] = limit
+        if vectors_as_arrays:
+            # pymilvus decodes a float vector column into one numpy array (rows are views of
+            # it) instead of a Python list of floats per row: several times faster to read.
+            kwargs["strict_float32"] = True
         try:
             return list((yield Call("query", kwargs)))
         except MilvusException as exc:
@@ -970,6 +1116,7 @@ class _MilvusCore(StoreBase):
 
     def _delete(self, ids: Sequence[DocId] | None, spec: FilterLike) -> Steps:
         check_delete_target(ids, spec)
+        ids = None if ids is None else id_list(ids)
         pks = list(
             dict.fromkeys(
                 encode_pk(i)
@@ -1059,11 +1206,13 @@ class _MilvusCore(StoreBase):
     def _load_tokens(self, docs: dict[str, _Doc | None], pks: Sequence[str]) -> Steps:
         """ColBERT vectors of documents whose ``colbert_gen`` and ``colbert_len`` are loaded.
 
-        Several documents per query (their rows within the request budget), restricted to their
-        current generations; a document whose rows do not all come back (stale rows of a cut
-        upsert sharing a generation crowded the window) is asked for alone, exactly."""
-        per_query = self._rows_per_query()
+        As few queries as the request budget allows (each one scans the token collection on
+        Milvus Lite: its cost is the number of queries, then the rows), restricted to the
+        documents' current generations; vectors come back as numpy arrays. A document whose
+        rows do not all come back (stale rows of a cut upsert sharing a generation crowded the
+        window) is asked for alone, exactly."""
         dim = self.fingerprint.colbert_dim if self.fingerprint else 0
+        group_rows, limit_max = self._token_read_window()
 
         def store_rows(group: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> list[str]:
             by_doc: dict[str, list[tuple[int, Any]]] = {}
@@ -1081,7 +1230,7 @@ class _MilvusCore(StoreBase):
                 if len(pairs) < int(doc.fields[COLBERT_LEN]):
                     short.append(pk)
                 doc.fields[COLBERT] = (
-                    np.asarray([v for _, v in pairs], dtype=np.float32)
+                    np.asarray([v for _, v in pairs], dtype=np.float32).reshape(len(pairs), -1)
                     if pairs
                     else np.zeros((0, dim), dtype=np.float32)
                 )
@@ -1091,22 +1240,26 @@ class _MilvusCore(StoreBase):
             if not group:
                 return
             gens = sorted({docs[pk].fields[COLBERT_GEN] for pk in group})  # type: ignore[union-attr]
+            limit = max(1, min(limit_max, 2 * rows_in_group))
             rows = yield from self._query(
                 self.companion,
                 f"{TOKEN_DOC} in {_pk_list(group)} and {TOKEN_GEN} in {_pk_list(gens)}",
                 [TOKEN_DOC, TOKEN_GEN, TOKEN_POS, COLBERT_VEC],
-                min(MILVUS_TOPK_MAX, 2 * rows_in_group),
+                limit,
+                vectors_as_arrays=True,
             )
-            short = store_rows(group, rows) if len(group) > 1 else group
-            for pk in short:
+            for pk in store_rows(group, rows):
                 doc = docs[pk]
                 assert doc is not None
                 n = int(doc.fields[COLBERT_LEN])
+                if len(group) == 1 and limit >= n:
+                    continue  # that was the exact query already
                 rows = yield from self._query(
                     self.companion,
                     f"{TOKEN_DOC} == {quote(pk)} and {TOKEN_GEN} == {quote(doc.fields[COLBERT_GEN])}",
                     [TOKEN_DOC, TOKEN_GEN, TOKEN_POS, COLBERT_VEC],
-                    n,
+                    max(1, n),
+                    vectors_as_arrays=True,
                 )
                 store_rows([pk], rows)
 
@@ -1114,12 +1267,23 @@ class _MilvusCore(StoreBase):
         rows_in_group = 0
         for pk in pks:
             n = int(docs[pk].fields[COLBERT_LEN])  # type: ignore[union-attr]
-            if group and rows_in_group + n > per_query // 2:
+            if group and rows_in_group + n > group_rows:
                 yield from flush(group, rows_in_group)
                 group, rows_in_group = [], 0
             group.append(pk)
             rows_in_group += n
         yield from flush(group, rows_in_group)
+
+    def _token_read_window(self) -> tuple[int, int]:
+        """``(rows of documents per token query, its row limit)``: the limit leaves room for
+        as many stale rows again; servers return at most 16384 rows per query, Milvus Lite
+        any number (its messages take 256 MiB: the window stays under half of that)."""
+        dim = self.fingerprint.colbert_dim if self.fingerprint else 1024
+        budget = max(1, READ_BYTES // (4 * dim))
+        if self.is_lite:
+            return budget, 2 * budget
+        per_query = min(MILVUS_TOPK_MAX, budget)
+        return max(1, per_query // 2), per_query
 
     def _embedding(self, doc: _Doc, parts: Iterable[str]) -> M3Embedding:
         f = doc.fields
@@ -1139,6 +1303,7 @@ class _MilvusCore(StoreBase):
         return emb
 
     def _get(self, ids: Sequence[DocId], with_vectors: bool) -> Steps:
+        ids = id_list(ids)
         if not self._exists:
             return []
         valid = [i for i in ids if isinstance(i, (str, int)) and not isinstance(i, bool)]
@@ -1407,6 +1572,10 @@ class _Search:
         scored exactly in the order of their bounds until the ``limit``-th exact score beats
         every remaining bound; if it does not beat ``mean_i t_i``, ``T`` grows (x4) and the
         search repeats. Exhausted token lists (fewer than ``T`` hits) bound nothing more.
+        When the next round would bring ``m * 4T`` hits, at least the token rows in scope (or
+        ``T`` may not grow), every document in scope is scored exactly instead
+        (:meth:`_score_all`): on random-like vectors the bounds prove little and the rounds
+        would cost far more than the rows.
         """
         store = self.store
         q = np.asarray(self.query.colbert, dtype=np.float32)
@@ -1426,6 +1595,7 @@ class _Search:
                 token_expr = f"{TOKEN_DOC} in {_pk_list(allowed_pks)}"
         exact: dict[str, float] = {}
         checked: set[str] = set(allowed or ())
+        in_scope_rows: int | None = None
         T = min(max(store.colbert_token_limit, 2 * limit), store.colbert_max_token_limit)
         while True:
             result = yield Call(
@@ -1488,20 +1658,35 @@ class _Search:
             }
             unseen_bound = float(np.mean(thresholds))
             order = sorted((pk for pk in candidates if pk not in exact), key=lambda pk: -bound[pk])
+            # Batches double: each token query costs a scan on Milvus Lite, so few large ones.
             batch_size = max(limit, 16)
-            while order:
+            done = 0
+            while done < len(order):
                 kth = _kth_best(exact, limit)
-                batch = [pk for pk in order[:batch_size] if bound[pk] >= kth - _EPS]
+                batch = []
+                for pk in order[done : done + batch_size]:
+                    if bound[pk] < kth - _EPS:
+                        break  # (bounds are sorted: no later one can enter the top)
+                    batch.append(pk)
                 if not batch:
                     break
-                yield from store._load(self.docs, batch, [COLBERT])
-                present = [pk for pk in batch if self.docs.get(pk) is not None]
-                values = colbert_scores(q, [self.docs[pk].fields[COLBERT] for pk in present])  # type: ignore[union-attr]
-                exact.update({pk: float(v) for pk, v in zip(present, values, strict=True)})
-                order = [pk for pk in order if pk not in batch]
+                yield from self._score_exactly(batch, exact)
+                done += len(batch)
+                batch_size *= 2
             kth = _kth_best(exact, limit)
             if unseen_bound == -math.inf or unseen_bound < kth - _EPS:
                 break  # proven: nothing unscored can enter the top
+            if store.colbert_exact:
+                # The next round returns m x 4T token hits; once that is as many rows as the
+                # documents in scope hold, reading those rows is the cheaper exact answer.
+                if in_scope_rows is None:
+                    in_scope_rows = yield from self._token_rows(token_expr)
+                if m * min(T * 4, store.colbert_max_token_limit) >= in_scope_rows or (
+                    store.colbert_max_token_limit <= T
+                ):
+                    scanned = yield from self._score_all(allowed, exact)
+                    if scanned:
+                        break
             if not store.colbert_exact or store.colbert_max_token_limit <= T:
                 if store.colbert_exact:
                     logger.warning(
@@ -1517,6 +1702,64 @@ class _Search:
             T = min(T * 4, store.colbert_max_token_limit)
         ranked = sorted(exact.items(), key=lambda item: -item[1])[:limit]
         return [(decode_pk(pk), score) for pk, score in ranked]
+
+    def _score_exactly(self, pks: Sequence[str], exact: dict[str, float]) -> Steps:
+        """Exact ColBERT scores of documents (their current rows), in ``exact``; the rows are
+        dropped again (a scan must not hold the collection in memory)."""
+        q = self.query.colbert
+        yield from self.store._load(self.docs, pks, [COLBERT])
+        present = [pk for pk in pks if self.docs.get(pk) is not None]
+        values = colbert_scores(q, [self.docs[pk].fields[COLBERT] for pk in present])  # type: ignore[arg-type,union-attr]
+        exact.update({pk: float(v) for pk, v in zip(present, values, strict=True)})
+        for pk in present:
+            self.docs[pk].fields.pop(COLBERT, None)  # type: ignore[union-attr]
+
+    def _token_rows(self, token_expr: str) -> Steps:
+        """How many token rows the search's documents hold (stale rows included)."""
+        rows = yield from self.store._query(self.store.companion, token_expr, ["count(*)"])
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    def _score_all(self, allowed: set[str] | None, exact: dict[str, float]) -> Steps:
+        """Exact ColBERT scores of every document the search may return, read window by
+        window: the cost is the rows in scope, whatever the bounds. ``False`` (nothing done)
+        where a server cannot list that many documents in one query."""
+        store = self.store
+        if allowed is None:
+            n = yield from store._count_expr(self.expr)
+            if n > MILVUS_TOPK_MAX and not store.is_lite:
+                return False
+            rows = yield from store._query(
+                store.collection,
+                self.expr,
+                [PK, COLBERT_GEN, COLBERT_LEN],
+                max(1, n),
+                user_expr=_is_raw(self.expr),
+            )
+            for row in rows:
+                doc = self.docs.get(row[PK]) or _Doc({})
+                doc.fields.update({COLBERT_GEN: row[COLBERT_GEN], COLBERT_LEN: row[COLBERT_LEN]})
+                self.docs[row[PK]] = doc
+            pks = [row[PK] for row in rows]
+        else:
+            pks = sorted(allowed)
+        todo = [pk for pk in pks if pk not in exact]
+        yield from store._load(self.docs, todo, [COLBERT_GEN, COLBERT_LEN])
+        window, _ = store._token_read_window()
+        batch: list[str] = []
+        rows_in_batch = 0
+        for pk in todo:
+            doc = self.docs.get(pk)
+            if doc is None:
+                continue
+            n_rows = int(doc.fields[COLBERT_LEN])
+            if batch and rows_in_batch + n_rows > window:
+                yield from self._score_exactly(batch, exact)
+                batch, rows_in_batch = [], 0
+            batch.append(pk)
+            rows_in_batch += n_rows
+        if batch:
+            yield from self._score_exactly(batch, exact)
+        return True
 
 
 def _kth_best(scores: Mapping[str, float], k: int) -> float:

@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -102,7 +102,13 @@ from m3connect.store import (
     SearchParams,
     StoreBase,
     StoreError,
+    awaited,
     check_delete_target,
+    direct,
+    id_list,
+    run_awaiting,
+    run_direct,
+    write_or_roll_back,
 )
 from m3connect.types import DocId, M3Embedding, M3Output
 
@@ -407,23 +413,15 @@ class _QdrantBase(StoreBase):
         }
 
     def _prepare(self, ids, embeddings, texts, metadatas) -> PreparedBatch:  # type: ignore[no-untyped-def]
-        """Validate everything the database could refuse, before anything is written."""
-        batch = self.prepare_batch(ids, embeddings, texts, metadatas)
-        for doc_id, meta, weights in zip(
-            batch.ids, batch.metadatas, batch.embeddings.sparse or [], strict=False
-        ):
-            try:
-                json.dumps(meta, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise StoreError(
-                    f"metadata of id {doc_id!r} cannot be stored as JSON: {exc}"
-                ) from None
-            bad = [t for t in weights if not 0 <= t <= _MAX_TOKEN_ID]
-            if bad:
-                raise StoreError(
-                    f"sparse token ids of id {doc_id!r} must be in [0, 2^32), got {bad[:3]}"
-                )
-        return batch
+        """Validate everything the database could refuse, before anything is written: the
+        core's validation (JSON metadata, 64-bit ints, token ids in [0, 2^32)) covers Qdrant."""
+        return self.prepare_batch(ids, embeddings, texts, metadatas)
+
+    def _one_request(self, batch: PreparedBatch) -> bool:
+        """Whether ``batch`` is written in one request (applied whole or not at all)."""
+        chunks = self._chunks(batch)
+        next(chunks, None)
+        return next(chunks, None) is None
 
     def _chunks(self, batch: PreparedBatch) -> Iterator[list[int]]:
         """Row indices of each write request: at most ``batch_size`` points and about
@@ -1363,10 +1361,23 @@ class QdrantStore(_ClientStoreBase, M3Store):
         if not self._ready:
             self._fingerprint_known = True  # learned from this batch
             self._attach()
+        run_direct(
+            write_or_roll_back(
+                batch,
+                self._write_points,
+                direct(lambda ids: self.get(ids, with_vectors=True)),
+                direct(self.delete),
+                atomic=self._one_request(batch),
+            )
+        )
+
+    def _write_points(self, batch: PreparedBatch) -> Generator[Any, Any, None]:
+        yield from ()
         for rows in self._chunks(batch):
             self.client.upsert(self.collection, self._points(batch, rows), wait=True)
 
     def get(self, ids: Sequence[DocId], *, with_vectors: bool = False) -> list[Record]:
+        ids = id_list(ids)
         point_ids = self._point_ids(ids)
         if not point_ids or not self._ensure():
             return []
@@ -1382,6 +1393,7 @@ class QdrantStore(_ClientStoreBase, M3Store):
         from qdrant_client import models
 
         check_delete_target(ids, filter)
+        ids = None if ids is None else id_list(ids)
         if not self._ensure():
             return
         if ids is not None:
@@ -1523,10 +1535,22 @@ class AsyncQdrantStore(_ClientStoreBase, AsyncM3Store):
         if not self._ready:
             self._fingerprint_known = True
             await self._ensure()
+        await run_awaiting(
+            write_or_roll_back(
+                batch,
+                self._write_points,
+                awaited(lambda ids: self.get(ids, with_vectors=True)),
+                awaited(self.delete),
+                atomic=self._one_request(batch),
+            )
+        )
+
+    def _write_points(self, batch: PreparedBatch) -> Generator[Any, Any, None]:
         for rows in self._chunks(batch):
-            await self.client.upsert(self.collection, self._points(batch, rows), wait=True)
+            yield self.client.upsert(self.collection, self._points(batch, rows), wait=True)
 
     async def get(self, ids: Sequence[DocId], *, with_vectors: bool = False) -> list[Record]:
+        ids = id_list(ids)
         point_ids = self._point_ids(ids)
         if not point_ids or not await self._ensure():
             return []
@@ -1544,6 +1568,7 @@ class AsyncQdrantStore(_ClientStoreBase, AsyncM3Store):
         from qdrant_client import models
 
         check_delete_target(ids, filter)
+        ids = None if ids is None else id_list(ids)
         if not await self._ensure():
             return
         if ids is not None:
@@ -1709,12 +1734,25 @@ class QdrantEdgeStore(_QdrantBase, M3Store):
         if not self._ready:
             self._fingerprint_known = True
             self._attach()
+        run_direct(
+            write_or_roll_back(
+                batch,
+                self._write_points,
+                direct(lambda ids: self.get(ids, with_vectors=True)),
+                direct(self.delete),
+                atomic=self._one_request(batch),
+            )
+        )
+
+    def _write_points(self, batch: PreparedBatch) -> Generator[Any, Any, None]:
+        yield from ()
         upsert = self._dialect.e.UpdateOperation.upsert_points
         self._dirty = True
         for rows in self._chunks(batch):
             self.shard.update(upsert(self._points(batch, rows)))
 
     def get(self, ids: Sequence[DocId], *, with_vectors: bool = False) -> list[Record]:
+        ids = id_list(ids)
         point_ids = self._point_ids(ids)
         if not point_ids or not self._ensure():
             return []
@@ -1727,6 +1765,7 @@ class QdrantEdgeStore(_QdrantBase, M3Store):
 
     def delete(self, ids: Sequence[DocId] | None = None, *, filter: FilterLike = None) -> None:
         check_delete_target(ids, filter)
+        ids = None if ids is None else id_list(ids)
         if not self._ensure():
             return
         ops = self._dialect.e.UpdateOperation

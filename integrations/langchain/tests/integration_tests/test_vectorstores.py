@@ -242,3 +242,16 @@ def test_langchain_indexing_api(store: InMemoryStore, embeddings: M3Embeddings) 
         docs[:3], manager, vectorstore, cleanup="full", source_id_key="source", key_encoder="sha256"
     )
     assert again["num_skipped"] == 3 and again["num_deleted"] == 1 and store.count() == 3
+
+
+def test_a_bare_id_is_one_id(store: InMemoryStore, embeddings: M3Embeddings) -> None:
+    """Issue 15: ``delete("abc")`` deletes ``abc``, never ``a``, ``b`` and ``c``."""
+    vectorstore = M3VectorStore(store, embeddings)
+    vectorstore.add_texts(TEXTS[:4], ids=["a", "b", "c", "abc"])
+    assert [d.id for d in vectorstore.get_by_ids("abc")] == ["abc"]  # type: ignore[arg-type]
+    vectorstore.delete("abc")  # type: ignore[arg-type]
+    assert sorted(d.id for d in vectorstore.get_by_ids(["a", "b", "c", "abc"])) == ["a", "b", "c"]
+    assert vectorstore.add_texts(TEXTS[4:5], ids="xyz") == ["xyz"]  # type: ignore[arg-type]
+    with pytest.raises(StoreError):
+        vectorstore.delete(b"a")  # type: ignore[arg-type]
+    assert store.count() == 4

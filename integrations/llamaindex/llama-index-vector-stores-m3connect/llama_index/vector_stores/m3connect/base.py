@@ -35,7 +35,15 @@ from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_
 from m3connect.encoder import M3Encoder
 from m3connect.filters import And, Eq, Field, Filter, FilterLike, In, Not, Or, Range, matches
 from m3connect.filters import parse_filter as parse_m3_filter
-from m3connect.store import AsyncM3Store, AsyncStoreAdapter, Hit, M3Store, Record, SearchParams
+from m3connect.store import (
+    AsyncM3Store,
+    AsyncStoreAdapter,
+    Hit,
+    M3Store,
+    Record,
+    SearchParams,
+    id_list,
+)
 from m3connect.stores.memory import InMemoryStore
 from m3connect.types import M3Embedding, M3Output
 
@@ -206,9 +214,9 @@ class M3VectorStore(BasePydanticVectorStore):
         if node_ids is None:
             self._store.delete(filter=condition)
         elif condition is None:
-            self._store.delete(list(node_ids))
+            self._store.delete(id_list(node_ids))
         else:
-            records = self._store.get(list(node_ids))
+            records = self._store.get(id_list(node_ids))
             self._store.delete([r.id for r in records if matches(condition, r.metadata)])
 
     async def adelete_nodes(
@@ -238,7 +246,7 @@ class M3VectorStore(BasePydanticVectorStore):
         """
         condition = to_m3_filter(filters)
         if node_ids is not None:
-            records = self._store.get(list(node_ids))
+            records = self._store.get(id_list(node_ids))
             return [
                 record_to_node(r.id, r.text, r.metadata)
                 for r in records
