@@ -19,7 +19,7 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQueryMode,
 )
 from llama_index.core.vector_stores.utils import build_metadata_filter_fn
-from llama_index.embeddings.m3connect import M3Embedding
+from llama_index.embeddings.m3connect import M3ConnectEmbedding
 from llama_index.vector_stores.m3connect import SCORES_KEY, M3VectorStore, to_m3_filter
 
 from m3connect.encoder import M3Encoder
@@ -322,7 +322,7 @@ def test_vector_store_index_answers_and_deletes_by_ref_doc(
     index = VectorStoreIndex.from_documents(
         documents,
         storage_context=StorageContext.from_defaults(vector_store=vector_store),
-        embed_model=M3Embedding(encoder=encoder),
+        embed_model=M3ConnectEmbedding(encoder=encoder),
     )
     assert store.count() == len(TEXTS)
 
@@ -363,7 +363,10 @@ def test_needs_a_compatible_encoder(encoder: M3Encoder) -> None:
     other = InMemoryStore(fingerprint=ModelFingerprint("other", 16, 12, heads_sha256="b" * 64))
     with pytest.raises(FingerprintMismatchError):
         M3VectorStore(other, encoder=encoder)
-    assert M3VectorStore(InMemoryStore(), encoder=M3Embedding(encoder=encoder)).encoder is encoder
+    assert (
+        M3VectorStore(InMemoryStore(), encoder=M3ConnectEmbedding(encoder=encoder)).encoder
+        is encoder
+    )
     with pytest.raises(TypeError):
         M3VectorStore(InMemoryStore(), encoder="BAAI/bge-m3")
 

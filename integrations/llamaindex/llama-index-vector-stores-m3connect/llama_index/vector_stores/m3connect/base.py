@@ -32,6 +32,7 @@ from llama_index.core.vector_stores.types import (
 )
 from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_metadata_dict
 
+from m3connect.cached_encoder import CachedEncoder
 from m3connect.encoder import M3Encoder
 from m3connect.filters import And, Eq, Field, Filter, FilterLike, In, Not, Or, Range, matches
 from m3connect.filters import parse_filter as parse_m3_filter
@@ -83,22 +84,25 @@ class M3VectorStore(BasePydanticVectorStore):
     representations come from the query text, so a retriever needs no ``embed_model`` call.
     :meth:`add` encodes each node's text (with its embed metadata, as LlamaIndex embeds it)
     once for all three representations; a precomputed ``node.embedding`` is not used, since the
-    dense vector must come from the same model and pass as the other two. Adding chunked nodes
-    with ``vector_store.add(nodes)`` encodes each text once; ``VectorStoreIndex.from_documents``
-    and ``IngestionPipeline(vector_store=...)`` run their own embedding step first (give them
-    ``M3Embedding``), which costs a second pass.
+    dense vector must come from the same model and pass as the other two. Give the store the
+    embed model that ``VectorStoreIndex.from_documents`` or ``IngestionPipeline`` embed with
+    (an ``M3ConnectEmbedding``, as ``encoder``): the store then shares its settings
+    (``encode_kwargs``, ``query_encode_kwargs``) and its output cache, the embed model's pass
+    computes all three representations, and :meth:`add` finds them there: one forward pass
+    per node.
 
     Args:
         store: any :class:`m3connect.M3Store`.
-        encoder: the :class:`m3connect.M3Encoder` (or an object with an ``encoder``
-            attribute, such as ``llama_index.embeddings.m3connect.M3Embedding``); by default the
-            store's own.
+        encoder: the ``llama_index.embeddings.m3connect.M3ConnectEmbedding`` that LlamaIndex
+            embeds with (its settings and output cache are shared), or an
+            :class:`m3connect.M3Encoder`; by default the store's own encoder.
         search_params: the default :class:`m3connect.SearchParams` (its ``k`` is replaced by
             the query's top k).
         async_store: an :class:`m3connect.AsyncM3Store` over the same collection for the async
             methods; by default the sync store run in worker threads.
         flat_metadata: refuse nested metadata values (for databases that need flat fields).
-        encode_kwargs: keyword arguments of :meth:`M3Encoder.encode` for node texts.
+        encode_kwargs: keyword arguments of :meth:`M3Encoder.encode` for node texts, when
+            ``encoder`` is an ``M3Encoder`` (an embed model brings its own).
     """
 
     stores_text: bool = True
@@ -107,9 +111,8 @@ class M3VectorStore(BasePydanticVectorStore):
 
     _store: M3Store = PrivateAttr()
     _async_store: AsyncM3Store = PrivateAttr()
-    _encoder: M3Encoder = PrivateAttr()
+    _cached: CachedEncoder = PrivateAttr()
     _search_params: SearchParams = PrivateAttr()
-    _encode_kwargs: dict[str, Any] = PrivateAttr()
 
     def __init__(
         self,
@@ -124,14 +127,16 @@ class M3VectorStore(BasePydanticVectorStore):
         super().__init__(stores_text=True, flat_metadata=flat_metadata)
         if not isinstance(store, M3Store):
             raise TypeError(f"store must be an m3connect M3Store, got {type(store).__name__}")
-        resolved = _resolve_encoder(encoder if encoder is not None else store.encoder)
+        cached = _resolve_encoder(encoder if encoder is not None else store.encoder, encode_kwargs)
+        # An embed model's pass (VectorStoreIndex embeds nodes before add) computes all three.
+        cached.need("dense", "sparse", "colbert")
+        resolved = cached.encoder
         if store.fingerprint is not None and resolved is not store.encoder:
             resolved.fingerprint.check_compatible(store.fingerprint, f"the {type(store).__name__}")
         self._store = store
         self._async_store = async_store or AsyncStoreAdapter(store)
-        self._encoder = resolved
+        self._cached = cached
         self._search_params = search_params or SearchParams(mode="dense")
-        self._encode_kwargs = dict(encode_kwargs or {})
 
     @classmethod
     def class_name(cls) -> str:
@@ -144,7 +149,12 @@ class M3VectorStore(BasePydanticVectorStore):
 
     @property
     def encoder(self) -> M3Encoder:
-        return self._encoder
+        return self._cached.encoder
+
+    @property
+    def cached_encoder(self) -> CachedEncoder:
+        """The encoder with its settings and output cache (an embed model's, when given one)."""
+        return self._cached
 
     @property
     def search_params(self) -> SearchParams:
@@ -171,7 +181,7 @@ class M3VectorStore(BasePydanticVectorStore):
         if not nodes:
             return []
         ids, to_encode, texts, metadatas = self._prepare(nodes)
-        output = self._encoder.encode(to_encode, **self._encode_kwargs)
+        output = self._cached.encode_documents(to_encode)
         self._store.add(ids, output, texts=texts, metadatas=metadatas)
         return ids
 
@@ -179,9 +189,7 @@ class M3VectorStore(BasePydanticVectorStore):
         if not nodes:
             return []
         ids, to_encode, texts, metadatas = self._prepare(nodes)
-        output: M3Output = await asyncio.to_thread(
-            self._encoder.encode, to_encode, **self._encode_kwargs
-        )
+        output: M3Output = await asyncio.to_thread(self._cached.encode_documents, to_encode)
         await self._async_store.add(ids, output, texts=texts, metadatas=metadatas)
         return ids
 
@@ -260,7 +268,7 @@ class M3VectorStore(BasePydanticVectorStore):
         dim = (
             self._store.fingerprint.dense_dim
             if self._store.fingerprint
-            else self._encoder.dense_dim
+            else self._cached.encoder.dense_dim
         )
         dense = np.zeros(dim, dtype=np.float32)
         dense[0] = 1.0
@@ -347,11 +355,11 @@ class M3VectorStore(BasePydanticVectorStore):
     def _encode(self, query: str | M3Embedding) -> M3Embedding:
         if isinstance(query, M3Embedding):
             return query
-        return self._encoder.encode_query(query)
+        return self._cached.encode_query(query)
 
     def _query_embedding(self, query: VectorStoreQuery, params: SearchParams) -> M3Embedding:
         if query.query_str is not None:
-            return self._encoder.encode_query(query.query_str)
+            return self._cached.encode_query(query.query_str)
         if query.query_embedding is not None:
             if params.scored_parts != ("dense",):
                 raise ValueError(
@@ -381,12 +389,20 @@ class M3VectorStore(BasePydanticVectorStore):
 # --- conversions -------------------------------------------------------------------------------
 
 
-def _resolve_encoder(encoder: Any) -> M3Encoder:
+def _resolve_encoder(encoder: Any, encode_kwargs: dict[str, Any] | None) -> CachedEncoder:
     if isinstance(encoder, M3Encoder):
-        return encoder
+        return CachedEncoder(encoder, encode_kwargs=encode_kwargs)
+    cached = getattr(encoder, "cached_encoder", None)
+    if isinstance(cached, CachedEncoder):
+        if encode_kwargs:
+            raise ValueError(
+                "encode_kwargs go to the embed model (M3ConnectEmbedding(encode_kwargs=...)) when "
+                "the store is given one: it encodes with the embed model's settings"
+            )
+        return cached
     inner = getattr(encoder, "encoder", None)
     if isinstance(inner, M3Encoder):
-        return inner
+        return CachedEncoder(inner, encode_kwargs=encode_kwargs)
     if encoder is None:
         raise ValueError(
             "M3VectorStore needs an encoder: pass encoder=M3Encoder.from_pretrained(...) (or an "
