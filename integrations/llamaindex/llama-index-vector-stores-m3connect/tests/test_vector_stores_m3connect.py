@@ -390,3 +390,46 @@ async def test_async_matches_sync(store: InMemoryStore) -> None:
     ]
     await vector_store.aclear()
     assert store.count() == 0
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+async def test_from_documents_encodes_each_node_once_with_the_embed_models_settings(
+    encoder: M3Encoder, use_async: bool
+) -> None:
+    from m3connect.testing import ForwardPassCounter
+
+    store = InMemoryStore(encoder=encoder)
+    embed_model = M3ConnectEmbedding(encoder=encoder, encode_kwargs={"max_length": 8})
+    vector_store = M3VectorStore(store, encoder=embed_model)
+    documents = [Document(text=t, metadata=m) for t, m in zip(TEXTS, METADATAS, strict=True)]
+    storage = StorageContext.from_defaults(vector_store=vector_store)
+    with ForwardPassCounter(encoder) as passes:
+        index = VectorStoreIndex.from_documents(
+            documents, storage_context=storage, embed_model=embed_model, use_async=use_async
+        )
+        assert store.count() == len(TEXTS)
+        assert passes.texts == len(TEXTS)
+        passes.reset()
+        retriever = index.as_retriever(vector_store_query_mode="hybrid", similarity_top_k=3)
+        got = await retriever.aretrieve(QUERY) if use_async else retriever.retrieve(QUERY)
+        assert passes.texts == 1 and len(got) == 3
+
+    # The embed model's encode_kwargs are the store's: max_length=8 keeps 7 ColBERT rows.
+    records = store.get([n.node_id for n in vector_store.get_nodes()], with_vectors=True)
+    assert records and all(r.embedding.colbert.shape[0] <= 7 for r in records)
+    node = vector_store.get_nodes()[0]
+    want = encoder.encode([node.get_content(metadata_mode=MetadataMode.EMBED)], max_length=8)
+    stored = store.get([node.node_id], with_vectors=True)[0].embedding
+    assert stored.sparse == want.sparse[0]
+    np.testing.assert_allclose(stored.dense, want.dense[0], atol=1e-6)
+
+
+def test_store_refuses_its_own_encode_kwargs_with_an_embed_model(encoder: M3Encoder) -> None:
+    with pytest.raises(ValueError, match="embed model"):
+        M3VectorStore(
+            InMemoryStore(),
+            encoder=M3ConnectEmbedding(encoder=encoder),
+            encode_kwargs={"max_length": 8},
+        )
+    with pytest.raises(TypeError, match="max_lenght"):
+        M3VectorStore(InMemoryStore(), encoder=encoder, encode_kwargs={"max_lenght": 8})
