@@ -12,10 +12,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from langchain_milvus import Milvus
-
 from langchain_m3connect import M3Embeddings
 from langchain_m3connect.milvus import M3MilvusSparseEmbedding
+from langchain_milvus import Milvus
+
 from m3connect import CheckpointError, M3Encoder
 from m3connect.testing import build_random_checkpoint
 

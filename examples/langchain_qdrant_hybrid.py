@@ -11,10 +11,10 @@ weights of the same texts, and the sparse embeddings find them in the dense one'
 import sys
 import tempfile
 
-from langchain_qdrant import QdrantVectorStore, RetrievalMode
-
 from langchain_m3connect import M3Embeddings
 from langchain_m3connect.qdrant import M3QdrantSparseEmbeddings
+from langchain_qdrant import QdrantVectorStore, RetrievalMode
+
 from m3connect import CheckpointError, M3Encoder
 from m3connect.testing import build_random_checkpoint
 

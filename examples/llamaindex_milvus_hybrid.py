@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 
 from llama_index.core import Document, StorageContext, VectorStoreIndex
-from llama_index.vector_stores.milvus import MilvusVectorStore
-
 from llama_index.embeddings.m3connect import M3ConnectEmbedding
 from llama_index.embeddings.m3connect.milvus import M3MilvusSparseEmbeddingFunction
+from llama_index.vector_stores.milvus import MilvusVectorStore
+
 from m3connect import CheckpointError, M3Encoder
 from m3connect.testing import build_random_checkpoint
 

@@ -13,10 +13,10 @@ import sys
 import tempfile
 
 from llama_index.core import Document, StorageContext, VectorStoreIndex
+from llama_index.embeddings.m3connect import M3ConnectEmbedding, M3QdrantSparse
 from llama_index.vector_stores.qdrant import QdrantVectorStore
 from qdrant_client import QdrantClient
 
-from llama_index.embeddings.m3connect import M3ConnectEmbedding, M3QdrantSparse
 from m3connect import CheckpointError, M3Encoder
 from m3connect.testing import build_random_checkpoint
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -375,6 +375,17 @@ class M3Store(StoreBase, ABC):
     def count(self, *, filter: FilterLike = None) -> int:
         """How many documents are stored (matching ``filter``)."""
 
+    def clear(self) -> None:
+        """Delete every document; the collection and its settings stay."""
+        self.delete(filter={})
+
+    def iter_records(
+        self, *, filter: FilterLike = None, with_vectors: bool = False, batch_size: int = 256
+    ) -> Iterator[Record]:
+        """Every stored document (matching ``filter``), read ``batch_size`` at a time, in the
+        database's order; no search, so no cap on how many. Adapters implement it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its documents yet")
+
     # --- searching ------------------------------------------------------------------------
 
     def search(
@@ -384,6 +395,19 @@ class M3Store(StoreBase, ABC):
         params = self._resolve_params(params, overrides)
         embedding = self.check_query(self._encode_query(query), params)
         return self._search(embedding, params)
+
+    def search_within(
+        self,
+        ids: Sequence[DocId],
+        query: str | M3Embedding,
+        params: SearchParams | None = None,
+        **overrides: Any,
+    ) -> list[Hit]:
+        """The search restricted to the documents ``ids`` (unknown ids are skipped): the
+        contract's exact answer over them, computed from their stored vectors."""
+        params = self._resolve_params(params, overrides)
+        embedding = self.check_query(self._encode_query(query), params)
+        return search_records(self.get(_unique_ids(ids), with_vectors=True), embedding, params)
 
     @abstractmethod
     def _search(self, query: M3Embedding, params: SearchParams) -> list[Hit]:
@@ -434,6 +458,17 @@ class AsyncM3Store(StoreBase, ABC):
     @abstractmethod
     async def count(self, *, filter: FilterLike = None) -> int: ...
 
+    async def clear(self) -> None:
+        """Delete every document; the collection and its settings stay."""
+        await self.delete(filter={})
+
+    def iter_records(
+        self, *, filter: FilterLike = None, with_vectors: bool = False, batch_size: int = 256
+    ) -> AsyncIterator[Record]:
+        """Every stored document (matching ``filter``), as an async iterator (see
+        :meth:`M3Store.iter_records`). Adapters implement it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its documents yet")
+
     async def search(
         self, query: str | M3Embedding, params: SearchParams | None = None, **overrides: Any
     ) -> list[Hit]:
@@ -444,6 +479,24 @@ class AsyncM3Store(StoreBase, ABC):
             else await asyncio.to_thread(self._encode_query, query)
         )
         return await self._search(self.check_query(embedding, params), params)
+
+    async def search_within(
+        self,
+        ids: Sequence[DocId],
+        query: str | M3Embedding,
+        params: SearchParams | None = None,
+        **overrides: Any,
+    ) -> list[Hit]:
+        """See :meth:`M3Store.search_within`."""
+        params = self._resolve_params(params, overrides)
+        embedding = (
+            query
+            if isinstance(query, M3Embedding)
+            else await asyncio.to_thread(self._encode_query, query)
+        )
+        embedding = self.check_query(embedding, params)
+        records = await self.get(_unique_ids(ids), with_vectors=True)
+        return search_records(records, embedding, params)
 
     @abstractmethod
     async def _search(self, query: M3Embedding, params: SearchParams) -> list[Hit]: ...
@@ -495,6 +548,28 @@ class AsyncStoreAdapter(AsyncM3Store):
     async def count(self, *, filter: FilterLike = None) -> int:
         return await asyncio.to_thread(self.sync.count, filter=filter)
 
+    async def clear(self) -> None:
+        await asyncio.to_thread(self.sync.clear)
+
+    async def iter_records(  # type: ignore[override]
+        self, *, filter: FilterLike = None, with_vectors: bool = False, batch_size: int = 256
+    ) -> AsyncIterator[Record]:
+        records = self.sync.iter_records(
+            filter=filter, with_vectors=with_vectors, batch_size=batch_size
+        )
+        done = object()
+        while (record := await asyncio.to_thread(next, records, done)) is not done:
+            yield record  # type: ignore[misc]
+
+    async def search_within(
+        self,
+        ids: Sequence[DocId],
+        query: str | M3Embedding,
+        params: SearchParams | None = None,
+        **overrides: Any,
+    ) -> list[Hit]:
+        return await asyncio.to_thread(self.sync.search_within, ids, query, params, **overrides)
+
     async def search(
         self, query: str | M3Embedding, params: SearchParams | None = None, **overrides: Any
     ) -> list[Hit]:
@@ -514,6 +589,32 @@ def check_delete_target(ids: Sequence[DocId] | None, filter: FilterLike) -> None
     """``delete`` needs ids or a filter: deleting everything must be asked for explicitly."""
     if ids is None and filter is None:
         raise StoreError("delete needs ids or a filter (to delete everything, pass filter={})")
+
+
+def search_records(
+    records: Sequence[Record], query: M3Embedding, params: SearchParams
+) -> list[Hit]:
+    """The contract's exact search over ``records`` (read with their vectors), by the
+    reference store's arithmetic: what a search restricted to some ids answers."""
+    from m3connect.stores.memory import InMemoryStore  # the reference store imports this module
+
+    if not records:
+        return []
+    subset = InMemoryStore()
+    subset.add(
+        [r.id for r in records],
+        M3Output.from_embeddings([r.embedding for r in records]),  # type: ignore[misc]
+        texts=[r.text for r in records],
+        metadatas=[r.metadata for r in records],
+    )
+    return subset._search(query, params)
+
+
+def _unique_ids(ids: Sequence[DocId]) -> list[DocId]:
+    if isinstance(ids, (str, int)):
+        raise StoreError("ids must be a list of ids, not one id")
+    # "1" and 1 are different ids: dedupe by type and value.
+    return [i for _, i in dict.fromkeys((type(i), i) for i in ids)]
 
 
 def check_id(doc_id: Any) -> DocId:

@@ -39,7 +39,9 @@ def _reference(encoder: M3Encoder) -> tuple[list[tuple[str, float]], list[tuple[
     return dense_rank, sparse_rank
 
 
-def _assert_ranking(got: list[tuple[str, float]], want: list[tuple[str, float]], tol: float) -> None:
+def _assert_ranking(
+    got: list[tuple[str, float]], want: list[tuple[str, float]], tol: float
+) -> None:
     """Same scores in the same order; ids equal up to ties."""
     assert [s for _, s in got] == pytest.approx([s for _, s in want[: len(got)]], abs=tol)
     for (got_id, got_s), (want_id, want_s) in zip(got, want):
