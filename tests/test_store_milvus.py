@@ -609,6 +609,14 @@ async def test_async_store_gives_the_same_answers(lite_path, prefix, make_store)
         await store.delete(["doc-2"], filter={"lang": "ko"})
         reference.delete(["doc-2"], filter={"lang": "ko"})
         assert await store.count() == reference.count() < 48
+        subset = ["1", 1, "doc-4", "doc-5", "no-such-id"]
+        query = synthetic_queries(embeddings)[1]
+        got = await store.search_within(subset, query, mode="hybrid", rerank="all", k=3)
+        want = reference.search_within(subset, query, mode="hybrid", rerank="all", k=3)
+        assert [h.id for h in got] == [h.id for h in want]
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
+        await store.clear()
+        assert await store.count() == 0
         with pytest.raises(FingerprintMismatchError):
             await AsyncMilvusStore.open(
                 client,

@@ -67,7 +67,7 @@ import math
 import re
 import struct
 import uuid
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -1609,6 +1609,24 @@ class MilvusStore(_MilvusCore, M3Store):
 
     def count(self, *, filter: FilterLike = None) -> int:
         return self._run(self._count(filter))
+
+    def iter_records(
+        self, *, filter: FilterLike = None, with_vectors: bool = False, batch_size: int = 256
+    ) -> Iterator[Record]:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise StoreError(f"batch_size must be a positive integer, got {batch_size!r}")
+        expr = self._run(self._expression(filter))
+        if not self._exists:
+            return
+        # Milvus's own iterator pages by primary key: no cap on how many documents.
+        pages = self.client.query_iterator(
+            self.collection, batch_size=batch_size, filter=expr, output_fields=[PK]
+        )
+        try:
+            while rows := pages.next():
+                yield from self.get([decode_pk(row[PK]) for row in rows], with_vectors=with_vectors)
+        finally:
+            pages.close()
 
     def _search(self, query: M3Embedding, params: SearchParams) -> list[Hit]:  # type: ignore[override]
         return self._run(_MilvusCore._search(self, query, params))
