@@ -433,3 +433,49 @@ def test_store_refuses_its_own_encode_kwargs_with_an_embed_model(encoder: M3Enco
         )
     with pytest.raises(TypeError, match="max_lenght"):
         M3VectorStore(InMemoryStore(), encoder=encoder, encode_kwargs={"max_lenght": 8})
+
+
+def test_mmr_query_mode(vector_store: M3VectorStore, store: InMemoryStore) -> None:
+    from llama_index.core.indices.query.embedding_utils import get_top_k_mmr_embeddings
+
+    def mmr(threshold: float) -> list[str]:
+        query = VectorStoreQuery(query_str=QUERY, similarity_top_k=2, mode=VectorStoreQueryMode.MMR)
+        return _ids(vector_store.query(query, mmr_threshold=threshold))
+
+    # Relevance only: the dense ranking.
+    dense = store.search(QUERY, mode="dense", k=2)
+    assert mmr(1.0) == [str(h.id) for h in dense]
+    # Otherwise LlamaIndex's MMR over the 8 best candidates' stored dense vectors.
+    candidates = store.search(QUERY, mode="dense", k=8)
+    records = store.get([h.id for h in candidates], with_vectors=True)
+    query_dense = vector_store.encoder.encode_query(QUERY).dense
+    _, chosen = get_top_k_mmr_embeddings(
+        query_dense.tolist(),
+        [r.embedding.dense.tolist() for r in records],
+        similarity_top_k=2,
+        embedding_ids=[str(r.id) for r in records],
+        mmr_threshold=0.1,
+    )
+    assert mmr(0.1) == chosen
+    retriever = VectorStoreIndex.from_vector_store(
+        vector_store, embed_model=M3ConnectEmbedding(encoder=vector_store.encoder)
+    ).as_retriever(
+        vector_store_query_mode="mmr",
+        similarity_top_k=2,
+        vector_store_kwargs={"mmr_threshold": 0.1},
+    )
+    assert [n.node.node_id for n in retriever.retrieve(QUERY)] == chosen
+
+
+def test_get_nodes_and_clear_use_the_store_operations(
+    vector_store: M3VectorStore, store: InMemoryStore
+) -> None:
+    assert sorted(n.node_id for n in vector_store.get_nodes()) == sorted(
+        f"node-{i}" for i in range(len(TEXTS))
+    )
+    geo = MetadataFilters(filters=[MetadataFilter(key="topic", value="geo")])
+    assert {n.node_id for n in vector_store.get_nodes(filters=geo)} == {
+        str(r.id) for r in store.iter_records(filter={"topic": "geo"})
+    }
+    vector_store.clear()
+    assert store.count() == 0 and vector_store.get_nodes() == []

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from llama_index.core.bridge.pydantic import PrivateAttr
+from llama_index.core.indices.query.embedding_utils import get_top_k_mmr_embeddings
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, TextNode
 from llama_index.core.vector_stores.types import (
     BasePydanticVectorStore,
@@ -37,7 +38,6 @@ from m3connect.encoder import M3Encoder
 from m3connect.filters import And, Eq, Field, Filter, FilterLike, In, Not, Or, Range, matches
 from m3connect.filters import parse_filter as parse_m3_filter
 from m3connect.store import AsyncM3Store, AsyncStoreAdapter, Hit, M3Store, Record, SearchParams
-from m3connect.stores.memory import InMemoryStore
 from m3connect.types import M3Embedding, M3Output
 
 #: Metadata key of the per-representation scores on returned nodes.
@@ -50,9 +50,8 @@ _MODES = {
     VectorStoreQueryMode.TEXT_SEARCH: "sparse",
     VectorStoreQueryMode.HYBRID: "hybrid",
 }
-# A condition true for every document under the filter language's rules (a missing key makes
-# ``Eq`` false and its ``Not`` true): the way to address every document of any store.
-_EVERY_DOCUMENT = (Field("__m3connect__") == "") | (Field("__m3connect__") != "")
+#: How many candidates an MMR query reads per result (LlamaIndex's default prefetch factor).
+MMR_PREFETCH_FACTOR = 4
 
 
 class M3VectorStore(BasePydanticVectorStore):
@@ -78,7 +77,12 @@ class M3VectorStore(BasePydanticVectorStore):
     hybrid query ``hybrid_top_k`` (if set) and for a sparse one ``sparse_top_k`` (if set)
     replace ``similarity_top_k``. ``filters`` (``MetadataFilters``) become m3connect filters
     (see :func:`to_m3_filter`), ``doc_ids`` a condition on ``ref_doc_id``; ``node_ids``
-    restrict the search exactly to those nodes.
+    restrict the search exactly to those nodes. ``MMR`` reads ``similarity_top_k`` times
+    :data:`MMR_PREFETCH_FACTOR` candidates of the ``DEFAULT`` search and picks
+    ``similarity_top_k`` of them by maximal marginal relevance on the dense vectors
+    (``mmr_threshold``, from the query or the retriever's ``vector_store_kwargs``). A sparse
+    search returns only the nodes that share at least one token with the query, so it can
+    return fewer than ``similarity_top_k`` nodes.
 
     The store encodes queries itself (``is_embedding_query`` is ``False``): all three
     representations come from the query text, so a retriever needs no ``embed_model`` call.
@@ -229,21 +233,18 @@ class M3VectorStore(BasePydanticVectorStore):
 
     def clear(self) -> None:
         """Delete every node of the store."""
-        self._store.delete(filter=_EVERY_DOCUMENT)
+        self._store.clear()
 
     async def aclear(self) -> None:
-        await self._async_store.delete(filter=_EVERY_DOCUMENT)
+        await self._async_store.clear()
 
     # --- reading ------------------------------------------------------------------------------
 
     def get_nodes(
         self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None
     ) -> list[BaseNode]:
-        """The stored nodes among ``node_ids`` (in that order) and/or matching ``filters``.
-
-        Without ``node_ids``, all matching nodes are listed through a search of the whole
-        store (databases cap a search's size: about 10,000 in Elasticsearch, 16,384 in Milvus).
-        """
+        """The stored nodes among ``node_ids`` (in that order) and/or matching ``filters``;
+        without ``node_ids``, every matching node (read in batches, no cap)."""
         condition = to_m3_filter(filters)
         if node_ids is not None:
             records = self._store.get(list(node_ids))
@@ -252,27 +253,15 @@ class M3VectorStore(BasePydanticVectorStore):
                 for r in records
                 if matches(condition, r.metadata)
             ]
-        total = self._store.count(filter=condition)
-        if total == 0:
-            return []
-        hits = self._store.search(self._scan_query(), mode="dense", k=total, filter=condition)
-        return [record_to_node(h.id, h.text, h.metadata) for h in hits]
+        return [
+            record_to_node(r.id, r.text, r.metadata)
+            for r in self._store.iter_records(filter=condition)
+        ]
 
     async def aget_nodes(
         self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None
     ) -> list[BaseNode]:
         return await asyncio.to_thread(self.get_nodes, node_ids, filters)
-
-    def _scan_query(self) -> M3Embedding:
-        # Any unit vector: every document is returned, the order does not matter.
-        dim = (
-            self._store.fingerprint.dense_dim
-            if self._store.fingerprint
-            else self._cached.encoder.dense_dim
-        )
-        dense = np.zeros(dim, dtype=np.float32)
-        dense[0] = 1.0
-        return M3Embedding(dense=dense)
 
     # --- searching ------------------------------------------------------------------------
 
@@ -280,20 +269,22 @@ class M3VectorStore(BasePydanticVectorStore):
         """The :class:`SearchParams` that ``query`` runs (``node_ids`` aside)."""
         base = self._search_params
         query_mode = VectorStoreQueryMode(query.mode)
-        if query_mode == VectorStoreQueryMode.DEFAULT:
+        if query_mode in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.MMR):
             mode = base.mode
         elif query_mode in _MODES:
             mode = _MODES[query_mode]
         else:
             raise NotImplementedError(
                 f"M3VectorStore does not support query mode {query_mode.value!r}; use default, "
-                "sparse, text_search or hybrid"
+                "sparse, text_search, hybrid or mmr"
             )
         k = query.similarity_top_k
         if mode == "hybrid" and query.hybrid_top_k:
             k = query.hybrid_top_k
         elif mode == "sparse" and query.sparse_top_k:
             k = query.sparse_top_k
+        if query_mode == VectorStoreQueryMode.MMR:
+            k *= MMR_PREFETCH_FACTOR  # the candidates MMR picks from
         overrides: dict[str, Any] = {"mode": mode, "k": k}
         if mode == "hybrid" and query.alpha is not None:
             if not 0.0 <= query.alpha <= 1.0:
@@ -317,6 +308,9 @@ class M3VectorStore(BasePydanticVectorStore):
             hits = self._search_within(query.node_ids, embedding, params)
         else:
             hits = self._store.search(embedding, params)
+        if VectorStoreQueryMode(query.mode) == VectorStoreQueryMode.MMR:
+            records = self._store.get([h.id for h in hits], with_vectors=True)
+            return _select_mmr(query, kwargs, embedding, hits, records)
         return hits_to_result(hits)
 
     async def aquery(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
@@ -324,7 +318,11 @@ class M3VectorStore(BasePydanticVectorStore):
             return await asyncio.to_thread(self.query, query, **kwargs)
         params = self.query_params(query)
         embedding = await asyncio.to_thread(self._query_embedding, query, params)
-        return hits_to_result(await self._async_store.search(embedding, params))
+        hits = await self._async_store.search(embedding, params)
+        if VectorStoreQueryMode(query.mode) == VectorStoreQueryMode.MMR:
+            records = await self._async_store.get([h.id for h in hits], with_vectors=True)
+            return _select_mmr(query, kwargs, embedding, hits, records)
+        return hits_to_result(hits)
 
     def search(
         self, query: str | M3Embedding, params: SearchParams | None = None, **overrides: Any
@@ -372,21 +370,41 @@ class M3VectorStore(BasePydanticVectorStore):
     def _search_within(
         self, node_ids: Sequence[str], embedding: M3Embedding, params: SearchParams
     ) -> list[Hit]:
-        """The exact search restricted to ``node_ids``: the contract's answer over those nodes,
-        computed by the reference store."""
-        records: list[Record] = self._store.get(list(dict.fromkeys(node_ids)), with_vectors=True)
-        subset = InMemoryStore(fingerprint=self._store.fingerprint)
-        if records:
-            subset.add(
-                [r.id for r in records],
-                M3Output.from_embeddings([r.embedding for r in records]),  # type: ignore[misc]
-                texts=[r.text for r in records],
-                metadatas=[r.metadata for r in records],
-            )
-        return subset.search(embedding, params)
+        """The exact search restricted to ``node_ids`` (the store's :meth:`search_within`)."""
+        return self._store.search_within(list(node_ids), embedding, params)
 
 
 # --- conversions -------------------------------------------------------------------------------
+
+
+def _select_mmr(
+    query: VectorStoreQuery,
+    kwargs: dict[str, Any],
+    embedding: M3Embedding,
+    hits: Sequence[Hit],
+    records: Sequence[Record],
+) -> VectorStoreQueryResult:
+    """Maximal marginal relevance (LlamaIndex's own selection, on the dense vectors) over the
+    candidates ``hits``; ``mmr_threshold`` (0: most diverse, 1: most relevant; default 0.5)
+    comes from the query or the retriever's ``vector_store_kwargs``."""
+    if embedding.dense is None:
+        raise ValueError("maximal marginal relevance needs the query's dense vector")
+    by_key = {(type(r.id), r.id): r for r in records}
+    kept = [h for h in hits if (type(h.id), h.id) in by_key]
+    if not kept:
+        return hits_to_result([])
+    threshold = kwargs.get("mmr_threshold", query.mmr_threshold)
+    scores, chosen = get_top_k_mmr_embeddings(
+        np.asarray(embedding.dense, dtype=np.float32).tolist(),
+        [np.asarray(by_key[(type(h.id), h.id)].embedding.dense).tolist() for h in kept],  # type: ignore[union-attr]
+        similarity_top_k=query.similarity_top_k,
+        embedding_ids=list(range(len(kept))),
+        mmr_threshold=threshold,
+    )
+    nodes = [hit_to_node(kept[i]) for i in chosen]
+    return VectorStoreQueryResult(
+        nodes=nodes, similarities=list(scores), ids=[n.node_id for n in nodes]
+    )
 
 
 def _resolve_encoder(encoder: Any, encode_kwargs: dict[str, Any] | None) -> CachedEncoder:
