@@ -67,7 +67,9 @@ SCORE_KEY = "m3_score"
 #: Metadata key of the per-representation scores in documents returned with scores.
 SCORES_KEY = "m3_scores"
 
-_PARAM_FIELDS = frozenset(f.name for f in dataclasses.fields(SearchParams))
+#: The fields of :class:`m3connect.SearchParams`, read from the dataclass (the search options).
+PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SearchParams))
+_PARAM_FIELDS = frozenset(PARAM_FIELDS)
 
 
 class M3VectorStore(VectorStore):
