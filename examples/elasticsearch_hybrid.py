@@ -4,8 +4,9 @@ Start a cluster (docs/elasticsearch.md has the docker command), then::
 
     ES_URL=http://localhost:9200 python examples/elasticsearch_hybrid.py
 
-``ES_API_KEY`` (or ``user:password@`` in ``ES_URL``) for a secured cluster; ``M3_MODEL`` for a
-local checkpoint folder instead of ``BAAI/bge-m3``.
+``ES_API_KEY`` (or ``user:password@`` in ``ES_URL``) for a secured cluster. ``M3_MODEL`` names a
+checkpoint (``BAAI/bge-m3`` or a local folder); without it (or with ``M3_MODEL=random``) the
+example uses a tiny random checkpoint of the same layout (its rankings then mean nothing).
 """
 
 import os
@@ -18,7 +19,7 @@ from m3connect.stores.elasticsearch import ElasticsearchStore
 client = Elasticsearch(
     os.environ.get("ES_URL", "http://localhost:9200"), api_key=os.environ.get("ES_API_KEY")
 )
-encoder = M3Encoder.from_pretrained(os.environ.get("M3_MODEL", "BAAI/bge-m3"))
+encoder = M3Encoder.from_pretrained(os.environ.get("M3_MODEL") or "random")
 
 # One index, three native fields: dense_vector, sparse_vector and (Enterprise/trial licence)
 # rank_vectors -- or, on the basic licence, compact ColBERT rows scored in the client.
@@ -55,3 +56,4 @@ for hit in store.search(
     print(f"{hit.score:.4f}  {hit.id}")
 
 client.indices.delete(index="m3connect-example")
+client.close()

@@ -17,7 +17,6 @@ from langchain_m3connect.milvus import M3MilvusSparseEmbedding
 from langchain_milvus import Milvus
 
 from m3connect import CheckpointError, M3Encoder
-from m3connect.testing import build_random_checkpoint
 
 
 def load_encoder(name: str) -> M3Encoder:
@@ -27,7 +26,7 @@ def load_encoder(name: str) -> M3Encoder:
         except CheckpointError as exc:
             print(f"{name} is not available ({str(exc).splitlines()[0]})")
     print("using a random checkpoint: the pipeline runs the same, the rankings mean nothing\n")
-    return M3Encoder.from_pretrained(build_random_checkpoint(tempfile.mkdtemp()))
+    return M3Encoder.from_pretrained("random")  # built once in ~/.cache/m3connect
 
 
 dense = M3Embeddings(encoder=load_encoder(sys.argv[1] if len(sys.argv) > 1 else "BAAI/bge-m3"))

@@ -9,14 +9,12 @@ weights of the same texts, and the sparse embeddings find them in the dense one'
 """
 
 import sys
-import tempfile
 
 from langchain_m3connect import M3Embeddings
 from langchain_m3connect.qdrant import M3QdrantSparseEmbeddings
 from langchain_qdrant import QdrantVectorStore, RetrievalMode
 
 from m3connect import CheckpointError, M3Encoder
-from m3connect.testing import build_random_checkpoint
 
 
 def load_encoder(name: str) -> M3Encoder:
@@ -26,7 +24,7 @@ def load_encoder(name: str) -> M3Encoder:
         except CheckpointError as exc:
             print(f"{name} is not available ({str(exc).splitlines()[0]})")
     print("using a random checkpoint: the pipeline runs the same, the rankings mean nothing\n")
-    return M3Encoder.from_pretrained(build_random_checkpoint(tempfile.mkdtemp()))
+    return M3Encoder.from_pretrained("random")  # built once in ~/.cache/m3connect
 
 
 dense = M3Embeddings(encoder=load_encoder(sys.argv[1] if len(sys.argv) > 1 else "BAAI/bge-m3"))

@@ -11,7 +11,6 @@ example says so and runs on a random checkpoint.
 
 import os
 import sys
-import tempfile
 
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 from langchain_core.output_parsers import StrOutputParser
@@ -20,7 +19,6 @@ from langchain_core.runnables import RunnablePassthrough
 from langchain_m3connect import M3Embeddings, M3HybridRetriever, M3VectorStore
 
 from m3connect import CheckpointError, InMemoryStore, M3Encoder
-from m3connect.testing import build_random_checkpoint
 
 
 def load_encoder(name: str) -> M3Encoder:
@@ -30,7 +28,7 @@ def load_encoder(name: str) -> M3Encoder:
         except CheckpointError as exc:
             print(f"{name} is not available ({str(exc).splitlines()[0]})")
     print("using a random checkpoint: the pipeline runs the same, the rankings mean nothing\n")
-    return M3Encoder.from_pretrained(build_random_checkpoint(tempfile.mkdtemp()))
+    return M3Encoder.from_pretrained("random")  # built once in ~/.cache/m3connect
 
 
 encoder = load_encoder(

@@ -10,7 +10,6 @@ cache.
 """
 
 import sys
-import tempfile
 
 from llama_index.core import Document, StorageContext, VectorStoreIndex
 from llama_index.embeddings.m3connect import M3ConnectEmbedding, M3QdrantSparse
@@ -18,7 +17,6 @@ from llama_index.vector_stores.qdrant import QdrantVectorStore
 from qdrant_client import QdrantClient
 
 from m3connect import CheckpointError, M3Encoder
-from m3connect.testing import build_random_checkpoint
 
 
 def load_encoder(name: str) -> M3Encoder:
@@ -28,7 +26,7 @@ def load_encoder(name: str) -> M3Encoder:
         except CheckpointError as exc:
             print(f"{name} is not available ({str(exc).splitlines()[0]})")
     print("using a random checkpoint: the pipeline runs the same, the rankings mean nothing\n")
-    return M3Encoder.from_pretrained(build_random_checkpoint(tempfile.mkdtemp()))
+    return M3Encoder.from_pretrained("random")  # built once in ~/.cache/m3connect
 
 
 embed_model = M3ConnectEmbedding(

@@ -13,7 +13,6 @@ example says so and runs on a random checkpoint.
 
 import os
 import sys
-import tempfile
 
 from llama_index.core import Document, VectorStoreIndex
 from llama_index.core.node_parser import SentenceSplitter
@@ -23,7 +22,6 @@ from llama_index.retrievers.m3connect import M3HybridRetriever
 from llama_index.vector_stores.m3connect import M3VectorStore
 
 from m3connect import CheckpointError, InMemoryStore, M3Encoder
-from m3connect.testing import build_random_checkpoint
 
 
 def load_encoder(name: str) -> M3Encoder:
@@ -33,7 +31,7 @@ def load_encoder(name: str) -> M3Encoder:
         except CheckpointError as exc:
             print(f"{name} is not available ({str(exc).splitlines()[0]})")
     print("using a random checkpoint: the pipeline runs the same, the rankings mean nothing\n")
-    return M3Encoder.from_pretrained(build_random_checkpoint(tempfile.mkdtemp()))
+    return M3Encoder.from_pretrained("random")  # built once in ~/.cache/m3connect
 
 
 encoder = load_encoder(

@@ -3,28 +3,28 @@ ColBERT search, on a Milvus Lite file (no server needed)::
 
     python examples/milvus_colbert.py
 
-``M3_MODEL`` names a checkpoint (``BAAI/bge-m3`` or a local folder); without it the example
-builds a tiny random checkpoint of the same layout, so it runs anywhere (its rankings then
-mean nothing). ``MILVUS_URI`` (e.g. ``http://localhost:19530``) uses a Milvus server instead:
+``M3_MODEL`` names a checkpoint (``BAAI/bge-m3`` or a local folder); without it (or with
+``M3_MODEL=random``) the example uses a tiny random checkpoint of the same layout, so it runs
+anywhere (its rankings then mean nothing). ``MILVUS_URI`` (e.g. ``http://localhost:19530``) uses a Milvus server instead:
 from 2.6.4 the ColBERT vectors go to an Array-of-Struct field with MAX_SIM, on Lite and older
 servers to a companion collection of token rows. The code is the same.
 """
 
+import atexit
 import os
 import tempfile
 from pathlib import Path
 
 from m3connect import Field, M3Encoder, SearchParams
 from m3connect.stores.milvus import MilvusStore
-from m3connect.testing import build_random_checkpoint
 
-workdir = Path(tempfile.mkdtemp(prefix="m3connect-milvus-"))
-model = os.environ.get("M3_MODEL") or build_random_checkpoint(workdir / "bge-m3-random")
-encoder = M3Encoder.from_pretrained(model)
+encoder = M3Encoder.from_pretrained(os.environ.get("M3_MODEL") or "random")
 
+workdir = tempfile.TemporaryDirectory(prefix="m3connect-milvus-")  # removed at exit
 store = MilvusStore.from_uri(
-    os.environ.get("MILVUS_URI", str(workdir / "m3.db")), "m3connect_example", encoder
+    os.environ.get("MILVUS_URI", str(Path(workdir.name) / "m3.db")), "m3connect_example", encoder
 )
+atexit.register(store.close)  # closed at exit even after an error (before the folder goes)
 print(f"Milvus {store.server_version}: ColBERT vectors in the {store.layout} layout")
 
 store.add_texts(
@@ -51,4 +51,3 @@ for hit in store.search("late interaction", mode="colbert", filter=Field("lang")
     print(f"{hit.score:.4f}  {hit.id}")
 
 store.delete(filter={})  # documents and their token rows go together
-store.close()

@@ -3,12 +3,13 @@ candidates in the same query, and the paper's "All" score, on qdrant-client's lo
 
     python examples/qdrant_hybrid.py
 
-``M3_MODEL`` names a checkpoint (``BAAI/bge-m3`` or a local folder); without it the example
-builds a tiny random checkpoint of the same layout, so it runs anywhere (its rankings then mean
-nothing). ``QDRANT_URL`` (e.g. ``http://localhost:6333``) uses a Qdrant server instead of a
+``M3_MODEL`` names a checkpoint (``BAAI/bge-m3`` or a local folder); without it (or with
+``M3_MODEL=random``) the example uses a tiny random checkpoint of the same layout, so it runs
+anywhere (its rankings then mean nothing). ``QDRANT_URL`` (e.g. ``http://localhost:6333``) uses a Qdrant server instead of a
 local folder: the code is the same.
 """
 
+import atexit
 import os
 import tempfile
 from pathlib import Path
@@ -17,19 +18,18 @@ from qdrant_client import QdrantClient
 
 from m3connect import Field, M3Encoder, SearchParams
 from m3connect.stores.qdrant import QdrantStore
-from m3connect.testing import build_random_checkpoint
 
-workdir = Path(tempfile.mkdtemp(prefix="m3connect-qdrant-"))
-model = os.environ.get("M3_MODEL") or build_random_checkpoint(workdir / "bge-m3-random")
-encoder = M3Encoder.from_pretrained(model)
+encoder = M3Encoder.from_pretrained(os.environ.get("M3_MODEL") or "random")
 
+workdir = tempfile.TemporaryDirectory(prefix="m3connect-qdrant-")  # removed at exit
 url = os.environ.get("QDRANT_URL")
-client = QdrantClient(url=url) if url else QdrantClient(path=str(workdir / "qdrant"))
+client = QdrantClient(url=url) if url else QdrantClient(path=str(Path(workdir.name) / "qdrant"))
 
 # One collection, three native fields: a dense vector (Dot), a sparse vector (the learned
 # lexical weights, no IDF) and a ColBERT multivector (MAX_SIM, no HNSW graph: it re-ranks).
 # Reopening it with another model's encoder raises FingerprintMismatchError.
 store = QdrantStore(client, "m3connect_example", encoder, close_client=True)
+atexit.register(store.close)  # closed at exit even after an error (before the folder goes)
 
 store.add_texts(
     [
@@ -62,4 +62,3 @@ for hit in store.search("late interaction", mode="colbert", filter=Field("lang")
     print(f"{hit.score:.4f}  {hit.id}")
 
 store.delete(filter={})  # empty the collection (the fingerprint stays with it)
-store.close()

@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import click
 
+from m3connect import __version__
 from m3connect.batching import DEFAULT_BATCH_TOKENS
+from m3connect.cli_errors import handle_failure, set_verbose, show_traceback
 from m3connect.types import DocId, M3Output, sparse_to_string_keys
 
 __all__ = ["main"]
@@ -30,13 +33,51 @@ OUTPUT_FORMATS = (".jsonl", ".npz")
 DEFAULT_MODEL = "BAAI/bge-m3"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def main(verbose: int) -> None:
+class _Main(click.Group):
+    """The command group: an expected failure of any command is one ``Error:`` line (see
+    :mod:`m3connect.cli_errors`); ``-v`` adds the traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except click.ClickException as exc:
+            show_traceback(ctx, exc)
+            raise
+        except Exception as exc:
+            raise handle_failure(ctx, exc) from exc
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="m3connect")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="More log output (-v info, -vv debug); tracebacks on errors.",
+)
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
     """BGE-M3 dense, sparse and ColBERT vectors from one forward pass, in the databases you
-    already run."""
+    already run.
+
+    \b
+    No model weights at hand? Every --model option takes "random": a small random checkpoint
+    with the BAAI/bge-m3 layout (the pipeline runs the same, the rankings mean nothing);
+    `m3connect testing-checkpoint DIR` writes one into a folder.
+      m3connect demo --model random
+    """
+    set_verbose(ctx, verbose)
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose == 0:
+        # Clients that log each failed attempt with its traceback before raising: the command
+        # says it once, in one line.
+        for name in ("elastic_transport", "httpx", "pymilvus"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        # qdrant-client's version check warns before the request that then fails (or works).
+        warnings.filterwarnings("ignore", message="Failed to obtain server version")
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,7 +86,8 @@ def main(verbose: int) -> None:
 
 
 def read_jsonl_texts(path: Path, text_field: str, id_field: str) -> tuple[list[DocId], list[str]]:
-    """Ids and texts of a JSON Lines file; a record without ``id_field`` gets its line number.
+    """Ids and texts of a JSON Lines file; a record without ``id_field`` gets its line number
+    (with one warning naming ``--id-field``).
 
     Reads (and checks) the whole file before anything is encoded, so a bad line 90,000 fails
     in a second, not after an hour of encoding. Raises :class:`click.ClickException` naming the
@@ -53,6 +95,7 @@ def read_jsonl_texts(path: Path, text_field: str, id_field: str) -> tuple[list[D
     """
     ids: list[DocId] = []
     texts: list[str] = []
+    numbered = 0
     try:
         with path.open(encoding="utf-8") as handle:
             for lineno, line in enumerate(handle, start=1):
@@ -79,7 +122,18 @@ def read_jsonl_texts(path: Path, text_field: str, id_field: str) -> tuple[list[D
                     raise click.ClickException(
                         f"{where}: field {text_field!r} is a {type(text).__name__}, not a string"
                     )
-                doc_id = record.get(id_field, lineno)
+                if id_field in record:
+                    doc_id = record[id_field]
+                else:
+                    doc_id = lineno
+                    numbered += 1
+                    if numbered == 1:
+                        logger.warning(
+                            "%s has no id field %r: records without one get their line number "
+                            "as id (name the id field with --id-field)",
+                            where,
+                            id_field,
+                        )
                 if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
                     raise click.ClickException(
                         f"{where}: id field {id_field!r} must be a string or an integer, got {doc_id!r}"
@@ -239,8 +293,11 @@ class _NpzWriter:
     help="Texts encoded and written per step (bounds memory for .jsonl output).",
 )
 @click.option(
-    "--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr."
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bar on stderr [default: on a terminal].",
 )
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def encode_command(
     input_path: Path,
     output_path: Path,
@@ -257,7 +314,8 @@ def encode_command(
     colbert: bool,
     colbert_dtype: str,
     chunk_size: int,
-    progress: bool,
+    progress: bool | None,
+    quiet: bool,
 ) -> None:
     """Encode the texts of a JSON Lines file INPUT into OUTPUT (.jsonl or .npz).
 
@@ -286,7 +344,7 @@ def encode_command(
 
     from tqdm.auto import tqdm
 
-    from m3connect.cli_jobs import load_encoder
+    from m3connect.cli_jobs import load_encoder, show_progress
 
     encoder = load_encoder(model, device, dtype)
     if max_length > encoder.max_length:
@@ -299,7 +357,9 @@ def encode_command(
     # that looks complete.
     partial = output_path.with_name(output_path.name + ".partial")
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(texts), desc="encoding", unit="text", disable=not progress)
+    bar = tqdm(
+        total=len(texts), desc="encoding", unit="text", disable=not show_progress(progress, quiet)
+    )
     try:
         with (
             partial.open("w", encoding="utf-8")

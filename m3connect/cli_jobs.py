@@ -15,17 +15,27 @@ the pipeline runs the same, the rankings mean nothing).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-__all__ = ["index_command", "search_command", "eval_command", "demo_command", "COMMANDS"]
+from m3connect.cli_errors import CliError, set_stores
+
+__all__ = [
+    "index_command",
+    "search_command",
+    "eval_command",
+    "demo_command",
+    "COMMANDS",
+    "known_errors",
+    "load_encoder",
+]
 
 # m3connect.encoder.DEFAULT_MODEL, repeated so that `--help` does not import torch.
 DEFAULT_MODEL = "BAAI/bge-m3"
+# m3connect.testing.RANDOM_MODEL, repeated for the same reason (a test keeps the two equal).
 RANDOM_MODEL = "random"
 SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"
 #: Where the demo indexes the sample corpus: the embedded default store, its own collection.
@@ -33,7 +43,7 @@ DEMO_COLLECTION = "m3connect_sample"
 
 _MODEL_HELP = (
     f"Hub id, local checkpoint folder, or '{RANDOM_MODEL}' (a small random checkpoint: "
-    f"meaningless rankings, no download)."
+    f"meaningless rankings, no download; `m3connect testing-checkpoint DIR` writes one)."
 )
 
 
@@ -42,35 +52,44 @@ _MODEL_HELP = (
 # --------------------------------------------------------------------------------------------
 
 
-def _random_checkpoint() -> Path:
-    """A random BGE-M3-layout checkpoint in the user's cache (built once; same bytes each
-    time, so stores indexed with it stay compatible)."""
-    from m3connect.testing import build_random_checkpoint
-
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "m3connect"
-    folder = cache / "random-bge-m3"
-    if not (folder / "sparse_linear.pt").is_file():
-        build_random_checkpoint(folder)
-    return folder
-
-
-def load_encoder(model: str, device: str | None = None, dtype: str = "float32") -> Any:
+def load_encoder(
+    model: str, device: str | None = None, dtype: str = "float32", *, hint: str = ""
+) -> Any:
     """``M3Encoder.from_pretrained`` with a checkpoint problem turned into a one-line CLI error
-    (the encoder's message says how to point at a local folder)."""
+    (the encoder's message says how to point at a local folder); ``hint`` is added to it."""
     from transformers.utils import logging as transformers_logging
 
     from m3connect.encoder import CheckpointError, M3Encoder
 
     # The command line has its own progress bars; transformers' "Loading weights" bar is noise.
     transformers_logging.disable_progress_bar()
-    name = str(_random_checkpoint()) if model == RANDOM_MODEL else model
     try:
-        return M3Encoder.from_pretrained(name, device=device, dtype=dtype)
+        return M3Encoder.from_pretrained(model, device=device, dtype=dtype)
     except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise CliError(f"{exc}{hint}") from exc
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
+def show_progress(progress: bool | None, quiet: bool) -> bool:
+    """Progress bars: on a terminal, unless ``--quiet``; ``--progress``/``--no-progress``
+    decide explicitly."""
+    if quiet:
+        return False
+    if progress is not None:
+        return progress
+    return sys.stderr.isatty()
+
+
+_progress_option = click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bar on stderr (documents, chunks/s, ETA) [default: on a terminal].",
+)
+_quiet_option = click.option(
+    "-q", "--quiet", is_flag=True, help="No progress bar (and no summary for index)."
+)
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
     from m3connect.evaluation import EvalError
     from m3connect.filters import FilterError
     from m3connect.fingerprint import FingerprintMismatchError
@@ -96,9 +115,15 @@ def _store_uris(stores: tuple[str, ...]) -> list[str]:
     uris = list(stores) or [DEFAULT_STORE_URI]
     try:
         for uri in uris:
-            parse_store_uri(uri)
+            if parse_store_uri(uri).kind == "memory":
+                raise click.BadParameter(
+                    f"{uri} keeps nothing once the command ends; index into a store on disk "
+                    f"({DEFAULT_STORE_URI}, milvus:./m3.db) or a server",
+                    param_hint="--store",
+                )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--store") from None
+    set_stores(uris)
     return uris
 
 
@@ -229,9 +254,8 @@ _batch_tokens_option = click.option(
     default=None,
     help="Ray cluster address [default: RAY_ADDRESS, else a local instance].",
 )
-@click.option(
-    "--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr."
-)
+@_progress_option
+@_quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def index_command(
     source: Path,
@@ -256,7 +280,8 @@ def index_command(
     ray_cpus: float,
     ray_gpus: float,
     ray_address: str | None,
-    progress: bool,
+    progress: bool | None,
+    quiet: bool,
     as_json: bool,
 ) -> None:
     """Index SOURCE (JSONL, Parquet, CSV, or a folder of .txt/.md files) into one or more stores.
@@ -267,24 +292,23 @@ def index_command(
     interruption and it skips what is stored, re-indexes documents that changed, and writes the
     rest. Chunking settings are part of each store's fingerprint: other settings on an indexed
     store are an error (or, with --rebuild, a clean rebuild).
+
+    A store that does not exist is created (only `index` creates stores; `search` refuses a
+    path or collection that is not there).
     """
     from m3connect.indexing import IndexJob, RayOptions
     from m3connect.sources import open_source
 
     uris = _store_uris(stores)
-    known = _known_errors()
-    try:
-        src = open_source(
-            source,
-            format=source_format,
-            id_field=id_field,
-            text_field=text_field,
-            title_field=title_field,
-            metadata_fields=list(metadata_fields) or None,
-            on_error=on_error,  # type: ignore[arg-type]
-        )
-    except known as exc:
-        raise click.ClickException(str(exc)) from None
+    src = open_source(
+        source,
+        format=source_format,
+        id_field=id_field,
+        text_field=text_field,
+        title_field=title_field,
+        metadata_fields=list(metadata_fields) or None,
+        on_error=on_error,  # type: ignore[arg-type]
+    )
     encoder = load_encoder(model, device, dtype)
     ray = None
     if use_ray:
@@ -295,44 +319,43 @@ def index_command(
             num_gpus=ray_gpus,
             address=ray_address,
         )
-    try:
-        job = IndexJob(
-            encoder,
-            uris,
-            max_tokens=max_tokens,
-            overlap=overlap,
-            batch_tokens=batch_tokens,
-            rebuild=rebuild,
-            write_chunks=write_batch,
-            progress=progress,
-            ray=ray,
-            model=str(_random_checkpoint()) if model == RANDOM_MODEL else model,
-        )
-    except known as exc:
-        raise click.ClickException(str(exc)) from None
+    job = IndexJob(
+        encoder,
+        uris,
+        max_tokens=max_tokens,
+        overlap=overlap,
+        batch_tokens=batch_tokens,
+        rebuild=rebuild,
+        write_chunks=write_batch,
+        progress=show_progress(progress, quiet),
+        ray=ray,
+        model=model,
+    )
     try:
         summary = job.run(src)
     except KeyboardInterrupt:
-        _print_summary(job.summary, as_json)
+        _print_summary(job.summary, as_json, quiet)
         click.echo("interrupted: run the same command again to continue where it stopped", err=True)
         sys.exit(130)
-    except known as exc:
+    except known_errors() as exc:
         if job.summary.stores:  # the job had started
-            _print_summary(job.summary, as_json)
-        raise click.ClickException(str(exc)) from None
-    except Exception as exc:  # a database that went away, a network error
-        _print_summary(job.summary, as_json)
-        raise click.ClickException(
-            f"the job stopped: {type(exc).__name__}: {exc}\nWhat was written is kept: run the "
-            f"same command again to continue where it stopped."
-        ) from None
-    _print_summary(summary, as_json)
+            _print_summary(job.summary, as_json, quiet)
+        raise CliError(str(exc)) from exc
+    except Exception as exc:  # a store in use, a database that went away, a network error
+        from m3connect.cli_errors import explain
+
+        if job.summary.stores:
+            _print_summary(job.summary, as_json, quiet)
+        reason = explain(exc, uris) or f"{type(exc).__name__}: {exc}"
+        kept = " What was written is kept: run the same command again to continue."
+        raise CliError(f"the job stopped: {reason}{kept if job.summary.docs else ''}") from exc
+    _print_summary(summary, as_json, quiet)
 
 
-def _print_summary(summary: Any, as_json: bool) -> None:
+def _print_summary(summary: Any, as_json: bool, quiet: bool = False) -> None:
     if as_json:
         click.echo(json.dumps(summary.to_dict(), ensure_ascii=False))
-    else:
+    elif not quiet:
         click.echo(summary.format(), err=True)
 
 
@@ -453,7 +476,7 @@ def search_command(
     from m3connect.store import SearchParams
     from m3connect.uris import open_store, parse_store_uri
 
-    known = _known_errors()
+    known = known_errors()
     filter_value = None
     if filter_json:
         try:
@@ -474,11 +497,9 @@ def search_command(
         uri = parse_store_uri(store_uri)
     except known as exc:
         raise click.BadParameter(str(exc)) from None
-    try:
-        handle = open_store(uri)
-    except known as exc:
-        raise click.ClickException(str(exc)) from None
-    with handle:
+    set_stores([uri])
+    # A reading command never creates a store: a typo in the path is an error, not an empty store.
+    with open_store(uri, create=False) as handle:
         store = handle.store
         stored: ModelFingerprint | None = store.fingerprint
         name = model or _stored_model(stored) or DEFAULT_MODEL
@@ -489,14 +510,13 @@ def search_command(
                 # compare the model only.
                 encoder.fingerprint.with_extra(**stored.extra).check_compatible(stored, str(uri))
             except known as exc:
-                raise click.ClickException(
-                    f"{exc}\nPass the model the store was indexed with: --model ..."
-                ) from None
-        try:
-            embedding = encoder.encode_query(query)
-            hits = store.search(embedding, params)
-        except known as exc:
-            raise click.ClickException(str(exc)) from None
+                raise CliError(
+                    f"{uri} was indexed with another model ({stored.model}; this one: "
+                    f"{encoder.name}): pass the model the store was indexed with, "
+                    f"--model {stored.model}"
+                ) from exc
+        embedding = encoder.encode_query(query)
+        hits = store.search(embedding, params)
         if as_json:
             out = [
                 {
@@ -512,29 +532,91 @@ def search_command(
             click.echo(json.dumps(out, ensure_ascii=False, indent=2))
             return
         if not hits:
+            from m3connect.indexing import plural
+
             count = store.count()
-            click.echo(f"no hits ({uri} holds {count} documents)")
+            click.echo(f"no hits ({uri} holds {plural(count, 'document')})")
             return
-        click.echo(format_hits(hits, params.scored_parts, width))
+        click.echo(format_hits(hits, params, width))
 
 
-def format_hits(hits: list[Any], parts: tuple[str, ...], width: int = 60) -> str:
-    """A readable table: rank, id, final score, each representation's score, text."""
+def _final_score(params: Any) -> tuple[str, str]:
+    """The name of the score that orders the hits, and what it is."""
+    legs = "+".join(params.legs)
+    if params.rerank == "all":
+        weights = ", ".join(f"{w:g}" for w in params.weights)
+        return "all", f"the weighted sum of the exact scores (dense, sparse, colbert: {weights})"
+    if params.rerank == "colbert":
+        return "colbert", "the exact ColBERT score of the re-ranked candidates"
+    if len(params.legs) == 1:
+        return params.legs[0], f"the exact {params.legs[0]} score"
+    if params.fusion == "rrf":
+        return "rrf", (
+            f"reciprocal rank fusion of {legs} (sum of 1/({params.rrf_k:g} + rank): a rank score, not a "
+            f"similarity)"
+        )
+    if params.fusion == "dbsf":
+        return "dbsf", f"distribution-based score fusion of {legs}"
+    return "weighted", f"the weighted mean of the exact {legs} scores"
+
+
+def display_width(text: str) -> int:
+    """Columns ``text`` takes in a terminal: East Asian wide characters take two, combining
+    marks none."""
+    import unicodedata
+
+    return sum(
+        0
+        if unicodedata.combining(ch)
+        else 2
+        if unicodedata.east_asian_width(ch) in ("W", "F")
+        else 1
+        for ch in text
+    )
+
+
+def _fit(text: str, width: int) -> str:
+    """``text`` cut to at most ``width`` columns (with "…" when cut)."""
+    if display_width(text) <= width:
+        return text
+    out, used = [], 0
+    for ch in text:
+        w = display_width(ch)
+        if used + w > width - 1:
+            break
+        out.append(ch)
+        used += w
+    return "".join(out) + "…"
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * max(0, width - display_width(text))
+
+
+def format_hits(hits: list[Any], params: Any, width: int = 60) -> str:
+    """A readable table: rank, id, the score that orders the hits (named after what it is:
+    rrf, weighted, all, ...), each representation's exact score, and the text; a legend says
+    which is which. Columns align by display width (CJK characters take two)."""
+    parts: tuple[str, ...] = params.scored_parts
+    final, meaning = _final_score(params)
     ids = [str(h.id) for h in hits]
-    id_width = min(40, max(2, *(len(i) for i in ids)))
+    id_width = min(40, max(2, *(display_width(i) for i in ids)))
+    score_width = max(8, len(final))
     header = (
-        f"{'#':>3}  {'id':<{id_width}}  {'score':>8}"
+        f"{'#':>3}  {_pad('id', id_width)}  {final:>{score_width}}  |"
         + "".join(f"  {p:>8}" for p in parts)
         + "  text"
     )
     lines = [header, "-" * len(header)]
     for rank, (hit, doc_id) in enumerate(zip(hits, ids, strict=True), start=1):
-        text = " ".join((hit.text or "").split())
-        if len(text) > width:
-            text = text[: width - 1] + "…"
-        shown_id = doc_id if len(doc_id) <= id_width else doc_id[: id_width - 1] + "…"
+        text = _fit(" ".join((hit.text or "").split()), width)
+        shown_id = _pad(_fit(doc_id, id_width), id_width)
         scores = "".join(f"  {hit.scores.get(p, float('nan')):>8.4f}" for p in parts)
-        lines.append(f"{rank:>3}  {shown_id:<{id_width}}  {hit.score:>8.4f}{scores}  {text}")
+        lines.append(f"{rank:>3}  {shown_id}  {hit.score:>{score_width}.4f}  |{scores}  {text}")
+    lines.append(
+        f"{final}: {meaning}; it orders the hits. {', '.join(parts)}: each representation's "
+        f"exact score."
+    )
     return "\n".join(lines)
 
 
@@ -579,7 +661,8 @@ def format_hits(hits: list[Any], parts: tuple[str, ...], width: int = 60) -> str
 @click.option("--rebuild", is_flag=True, help="Drop the store's collection first.")
 @_device_option
 @_dtype_option
-@click.option("--progress/--no-progress", default=False, show_default=True)
+@_progress_option
+@_quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
     "--output",
@@ -600,7 +683,8 @@ def eval_command(
     rebuild: bool,
     device: str | None,
     dtype: str,
-    progress: bool,
+    progress: bool | None,
+    quiet: bool,
     as_json: bool,
     output: Path | None,
 ) -> None:
@@ -614,25 +698,22 @@ def eval_command(
     """
     from m3connect.evaluation import evaluate, write_report
 
-    known = _known_errors()
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    set_stores([store_uri])
     encoder = load_encoder(model, device, dtype)
-    try:
-        report = evaluate(
-            encoder,
-            data_dir,
-            store_uri,
-            modes=mode_list,
-            split=split,
-            candidates=candidates,
-            max_tokens=max_tokens,
-            overlap=overlap,
-            batch_tokens=batch_tokens,
-            rebuild=rebuild,
-            progress=progress,
-        )
-    except known as exc:
-        raise click.ClickException(str(exc)) from None
+    report = evaluate(
+        encoder,
+        data_dir,
+        store_uri,
+        modes=mode_list,
+        split=split,
+        candidates=candidates,
+        max_tokens=max_tokens,
+        overlap=overlap,
+        batch_tokens=batch_tokens,
+        rebuild=rebuild,
+        progress=show_progress(progress, quiet),
+    )
     if output is not None:
         write_report(report, output)
     if as_json:
@@ -644,6 +725,19 @@ def eval_command(
 # --------------------------------------------------------------------------------------------
 # demo
 # --------------------------------------------------------------------------------------------
+
+
+_DEMO_MODEL_HINT = (
+    " For the demo: `make demo MODEL=./bge-m3` (or `m3connect demo --model ./bge-m3`) with a local "
+    "copy, or `make demo MODEL=random` (--model random) to see the pipeline run on a small "
+    "random checkpoint (meaningless rankings)."
+)
+
+
+def _is_memory(uri: str) -> bool:
+    from m3connect.uris import parse_store_uri
+
+    return parse_store_uri(uri).kind == "memory"
 
 
 def _demo_store_default() -> str:
@@ -673,8 +767,16 @@ def _demo_store_default() -> str:
     "-k", "--k", "k", type=click.IntRange(1), default=3, show_default=True, help="Hits per query."
 )
 @_device_option
+@_progress_option
+@_quiet_option
 def demo_command(
-    model: str, store_uri: str | None, n_queries: int, k: int, device: str | None
+    model: str,
+    store_uri: str | None,
+    n_queries: int,
+    k: int,
+    device: str | None,
+    progress: bool | None,
+    quiet: bool,
 ) -> None:
     """Index the bundled sample corpus into the embedded default store and run a few searches.
 
@@ -682,45 +784,48 @@ def demo_command(
     pipeline run on a small random checkpoint).
     """
     from m3connect.evaluation import load_beir
-    from m3connect.indexing import IndexingError, IndexJob
+    from m3connect.indexing import IndexingError, IndexJob, plural
     from m3connect.store import SearchParams
     from m3connect.uris import open_store
 
-    known = _known_errors()
     if not (SAMPLE_DIR / "corpus.jsonl").is_file():
-        raise click.ClickException(f"the sample corpus is missing from {SAMPLE_DIR}")
+        raise CliError(f"the sample corpus is missing from {SAMPLE_DIR}")
     uri = store_uri or _demo_store_default()
-    encoder = load_encoder(model, device)
+    if _is_memory(uri):
+        raise click.BadParameter(
+            f"{uri} would be empty again when the demo searches it; use a store on disk",
+            param_hint="--store",
+        )
+    set_stores([uri])
+    encoder = load_encoder(model, device, hint=_DEMO_MODEL_HINT)
     corpus, queries, _qrels = load_beir(SAMPLE_DIR)
-    name = str(_random_checkpoint()) if model == RANDOM_MODEL else model
+    bar = show_progress(progress, quiet)
 
     def run(rebuild: bool) -> Any:
-        job = IndexJob(encoder, [uri], rebuild=rebuild, progress=False, model=name)
+        job = IndexJob(encoder, [uri], rebuild=rebuild, progress=bar, model=model)
         return job.run(
             corpus, id_field="_id", text_field="text", title_field="title", on_error="stop"
         )
 
     try:
-        try:
-            summary = run(rebuild=False)
-        except IndexingError as exc:
-            if store_uri is not None:
-                raise
-            # The demo's own collection, indexed with another model: start it again.
-            click.echo(f"{exc}\nRebuilding the demo collection.", err=True)
-            summary = run(rebuild=True)
-    except known as exc:
-        raise click.ClickException(str(exc)) from None
+        summary = run(rebuild=False)
+    except IndexingError:
+        if store_uri is not None:
+            raise
+        # The demo's own collection, indexed with another model: start it again.
+        click.echo(f"{uri} was indexed with another model: rebuilding it.", err=True)
+        summary = run(rebuild=True)
     click.echo(
-        f"indexed the sample corpus into {uri}: {summary.docs} documents "
-        f"({summary.indexed} encoded, {summary.skipped} already there) in {summary.seconds:.1f} s"
+        f"indexed the sample corpus into {uri}: {plural(summary.docs, 'document')} "
+        f"({summary.indexed:,} encoded, {summary.skipped:,} already there) in "
+        f"{summary.seconds:.1f} s"
     )
-    with open_store(uri) as handle:
+    with open_store(uri, create=False) as handle:
         for query in list(queries.values())[:n_queries]:
             params = SearchParams(mode="hybrid", k=k, rerank="all")
             hits = handle.store.search(encoder.encode_query(query), params)
             click.echo(f"\nquery: {query}")
-            click.echo(format_hits(hits, params.scored_parts))
+            click.echo(format_hits(hits, params))
     click.echo(f'\nsearch it yourself: m3connect search "{uri}" "your question" --model {model}')
 
 

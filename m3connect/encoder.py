@@ -98,7 +98,9 @@ def _download_hint(repo_id: str) -> str:
         f"--local-dir {local}`), copy the folder here and pass the local folder path "
         f"(M3Encoder.from_pretrained({local!r}), or `--model {local}` on the command line). "
         f"Alternatively set HF_HOME to a Hugging Face cache that already holds it and "
-        f"HF_HUB_OFFLINE=1 so that the network is not tried."
+        f"HF_HUB_OFFLINE=1 so that the network is not tried. To try the pipeline without the "
+        f"weights, use the model name 'random' (a small random checkpoint with the same "
+        f"layout; `m3connect testing-checkpoint DIR` writes one into a folder)."
     )
 
 
@@ -228,6 +230,10 @@ def resolve_checkpoint(
     """The local folder of a checkpoint given as a folder path or a hub id (downloading it if
     needed and possible). Raises :class:`CheckpointError` with what to do otherwise."""
     name = os.fspath(name_or_path)
+    if name == "random":  # m3connect.testing.RANDOM_MODEL: the small random checkpoint
+        from m3connect.testing import random_checkpoint
+
+        return random_checkpoint()
     folder = Path(name).expanduser()
     if folder.is_dir():
         _check_folder(folder, repr(name))
@@ -481,7 +487,9 @@ class M3Encoder:
         token: str | bool | None = None,
         local_files_only: bool = False,
     ) -> M3Encoder:
-        """Load a checkpoint from a local folder or the Hugging Face Hub.
+        """Load a checkpoint from a local folder or the Hugging Face Hub; ``"random"`` loads a
+        small random checkpoint of the same layout (:func:`m3connect.testing.random_checkpoint`:
+        no download, meaningless vectors) to try the pipeline.
 
         ``device`` defaults to CUDA, then MPS, then CPU. ``dtype`` is the body's compute dtype
         (``"float32"``, ``"float16"``, ``"bfloat16"`` or a ``torch.dtype``). Raises

@@ -313,12 +313,19 @@ def evaluate(
         # push one document out of the top.
         k = max(1, min(chunks, RECALL_K + max(0, chunks - docs)))
         results = []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(modes) * len(qids), desc="searching", unit="query")
         for mode in modes:
             params = SearchParams(k=k, candidates=max(candidates, k), **EVAL_MODES[mode])
             start = time.perf_counter()
-            run = {
-                qid: doc_ranking(target.search(embeddings[i], params)) for i, qid in enumerate(qids)
-            }
+            run = {}
+            for i, qid in enumerate(qids):
+                run[qid] = doc_ranking(target.search(embeddings[i], params))
+                if bar is not None:
+                    bar.update()
             seconds = time.perf_counter() - start
             per_query = evaluate_run(judged, run)
             results.append(
@@ -331,6 +338,8 @@ def evaluate(
                     per_query,
                 )
             )
+        if bar is not None:
+            bar.close()
     finally:
         opened.close()
     return EvalReport(results, len(judged), docs, chunks, summary.seconds, label, encoder.name)

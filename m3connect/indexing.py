@@ -108,8 +108,9 @@ class IndexSummary:
     tokens: int = 0
     bad_records: list[BadRecord] = field(default_factory=list)
     seconds: float = 0.0
-    #: Where the time went: encoding (this process), writing to the stores (add/delete), and
-    #: asking them what they hold (get); the rest is reading and chunking.
+    #: Where the time went: opening the stores, encoding (this process), writing to the stores
+    #: (add/delete), and asking them what they hold (get); the rest is reading and chunking.
+    open_seconds: float = 0.0
     encode_seconds: float = 0.0
     write_seconds: float = 0.0
     lookup_seconds: float = 0.0
@@ -140,6 +141,7 @@ class IndexSummary:
             "errors": self.errors,
             "bad_records": [str(b) for b in self.bad_records],
             "seconds": round(self.seconds, 3),
+            "open_seconds": round(self.open_seconds, 3),
             "docs_per_s": round(self.docs_per_s, 2),
             "tokens_per_s": round(self.tokens_per_s, 1),
             "encode_seconds": round(self.encode_seconds, 3),
@@ -151,12 +153,12 @@ class IndexSummary:
     def format(self) -> str:
         status = "done" if self.stopped is None else f"STOPPED ({self.stopped})"
         lines = [
-            f"{status}: {self.docs} documents in {self.seconds:.1f} s "
+            f"{status}: {plural(self.docs, 'document')} in {self.seconds:.1f} s "
             f"({self.docs_per_s:,.1f} docs/s, {self.tokens_per_s:,.0f} tokens/s)",
-            f"  indexed  {self.indexed} documents ({self.updated} changed since stored): "
-            f"{self.chunks} chunks, {self.tokens:,} tokens encoded",
-            f"  skipped  {self.skipped} documents already stored",
-            f"  errors   {self.errors} bad records skipped",
+            f"  indexed  {plural(self.indexed, 'document')} ({self.updated:,} changed since "
+            f"stored): {plural(self.chunks, 'chunk')}, {plural(self.tokens, 'token')} encoded",
+            f"  skipped  {plural(self.skipped, 'document')} already stored",
+            f"  errors   {plural(self.errors, 'bad record')} skipped",
         ]
         for bad in self.bad_records[:10]:
             lines.append(f"    {bad}")
@@ -164,15 +166,37 @@ class IndexSummary:
             lines.append(f"    ... and {self.errors - 10} more")
         lines.append(f"  stores   {', '.join(self.stores)}")
         other = max(
-            0.0, self.seconds - self.encode_seconds - self.write_seconds - self.lookup_seconds
+            0.0,
+            self.seconds
+            - self.open_seconds
+            - self.encode_seconds
+            - self.write_seconds
+            - self.lookup_seconds,
         )
         lines.append(
-            f"  time     encode {self.encode_seconds:.1f} s, write {self.write_seconds:.1f} s, "
-            f"lookup {self.lookup_seconds:.1f} s, read+chunk {other:.1f} s"
+            f"  time     open {self.open_seconds:.1f} s, encode {self.encode_seconds:.1f} s, "
+            f"write {self.write_seconds:.1f} s, lookup {self.lookup_seconds:.1f} s, "
+            f"read+chunk {other:.1f} s"
         )
         if self.stopped is not None:
             lines.append("  run the same command again to continue where it stopped")
         return "\n".join(lines)
+
+
+def plural(n: int, word: str) -> str:
+    """``1 document``, ``2 documents`` (for the summaries people read)."""
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
+
+
+#: Set on an exception raised while a store was opened or written: which store (the command
+#: line names it in its one-line error).
+STORE_ATTRIBUTE = "m3connect_store"
+
+
+def _tag_store(exc: BaseException, label: str) -> None:
+    if getattr(exc, STORE_ATTRIBUTE, None) is None:
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(exc, STORE_ATTRIBUTE, label)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,6 +287,9 @@ def _open_target(
         with contextlib.suppress(Exception), open_store(uri) as existing:
             stored = existing.store.fingerprint
         raise _mismatch(str(uri), stored, fingerprint, exc) from None
+    except Exception as exc:
+        _tag_store(exc, str(uri))
+        raise
     return _Target(str(uri), handle.store, handle, uri)
 
 
@@ -432,6 +459,7 @@ class IndexJob:
         self.model = model or encoder.name
         self.summary = IndexSummary()
         self._started = time.perf_counter()
+        self._source: Source | None = None
 
     # --- public ---------------------------------------------------------------------------
 
@@ -457,6 +485,7 @@ class IndexJob:
             for spec in self.store_specs:
                 targets.append(_open_target(spec, self.fingerprint, self.rebuild))
             summary.stores = [t.label for t in targets]
+            summary.open_seconds = time.perf_counter() - start
             bar = self._progress_bar(source)
             if self.ray is not None:
                 runner = _RayRunner(self, targets, summary, bar)
@@ -469,6 +498,9 @@ class IndexJob:
                         summary.encode_seconds += time.perf_counter() - started
                         self._write(targets, work, output)
                     self._account(summary, work, bar)
+            if bar is not None:  # finished: the estimate may have counted blank lines
+                bar.total = bar.n
+                bar.refresh()
         except BaseException as exc:
             summary.stopped = _describe(exc)
             raise
@@ -585,7 +617,11 @@ class IndexJob:
         for ti, target in enumerate(targets):
             if not _is_driver_writer(self, target):
                 continue
-            _write_target(target.store, ti, work, output)
+            try:
+                _write_target(target.store, ti, work, output)
+            except Exception as exc:
+                _tag_store(exc, target.label)
+                raise
         self.summary.write_seconds += time.perf_counter() - started
 
     def _account(self, summary: IndexSummary, work: _Work, bar: Any) -> None:
@@ -596,18 +632,27 @@ class IndexJob:
         summary.chunks += len(work.chunks)
         summary.tokens += work.tokens
         if bar is not None:
-            bar.update(work.indexed + work.skipped)
+            # Bad records skipped count as read: the bar reaches its end on a source with some.
+            read = summary.docs + (len(self._source.errors) if self._source is not None else 0)
+            bar.update(max(0, read - bar.n))
             elapsed = max(time.perf_counter() - self._started, 1e-9)
             bar.set_postfix_str(
-                f"{summary.tokens / elapsed:,.0f} tokens/s, {summary.chunks} chunks", refresh=False
+                f"{summary.chunks / elapsed:,.1f} chunks/s, {plural(summary.chunks, 'chunk')}",
+                refresh=False,
             )
 
     def _progress_bar(self, source: Any) -> Any:
+        """A tqdm bar on stderr: documents read of the total (when it can be known cheaply),
+        docs/s, chunks/s and the time left."""
+        self._source = source if isinstance(source, Source) else None
         if not self.progress:
             return None
         from tqdm.auto import tqdm
 
-        total = source.estimate_total() if isinstance(source, Source) else None
+        if isinstance(source, Source):
+            total = source.estimate_total()
+        else:
+            total = len(source) if hasattr(source, "__len__") else None
         return tqdm(total=total, desc="indexing", unit="doc", dynamic_ncols=True)
 
 

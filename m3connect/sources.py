@@ -2,9 +2,9 @@
 
 Every reader yields :class:`SourceRecord` s (id, text, metadata) with the place each came from
 (file and line, or row), so that a bad record can be reported where it is. What a bad record
-is: a line that is not valid JSON (or not a JSON object), a record without the id or text
-field, a text that is not a string or is empty, an id that is not a string or an integer, an
-id seen before. With ``on_error="skip"`` such a record is reported (a warning and
+is: a line that is not valid JSON (or not a JSON object), a record without the text field, a text that is not a string or is empty, an id that is not a string or an integer, an
+id seen before. A record without an id field gets its line (row) number as id, with a warning
+that names ``--id-field`` (``id_field``). With ``on_error="skip"`` such a record is reported (a warning and
 :attr:`Source.errors`) and the job goes on; with ``on_error="stop"`` it raises
 :class:`SourceError` and the job stops there.
 
@@ -126,7 +126,10 @@ class Source:
     errors: list[BadRecord] = field(default_factory=list, init=False)
     #: Records read successfully so far.
     read: int = field(default=0, init=False)
+    #: Records that had no id field and were numbered by their line (row) instead.
+    numbered: int = field(default=0, init=False)
     _files: list[Path] | None = field(default=None, init=False, repr=False)
+    _skipped_suffixes: set[str] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.on_error not in ("skip", "stop"):
@@ -137,7 +140,7 @@ class Source:
     # --- public ---------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[SourceRecord]:
-        self.errors, self.read = [], 0  # a new pass reports afresh
+        self.errors, self.read, self.numbered = [], 0, 0  # a new pass reports afresh
         seen: dict[tuple[type, DocId], int] = {}
         readers = {
             "jsonl": self._read_jsonl,
@@ -198,6 +201,21 @@ class Source:
         self.errors.append(bad)
         logger.warning("skipping bad record at %s", bad)
 
+    def _numbered(self, line: int, names: Sequence[str]) -> None:
+        self.numbered += 1
+        if self.numbered == 1:  # once per pass: a file without ids would warn on every line
+            fields = " or ".join(repr(n) for n in names)
+            logger.warning(
+                "%s %s %d has no id field %s: records without one get their %s number as id "
+                "(name the id field with --id-field, id_field=...; --id-field @line numbers "
+                "every record)",
+                self._display_path(line),
+                self._unit,
+                line,
+                fields,
+                self._unit,
+            )
+
     def _display_path(self, line: int) -> str:
         if self.format == "folder" and self._files is not None and 0 < line <= len(self._files):
             return str(self._files[line - 1])
@@ -205,17 +223,18 @@ class Source:
 
     def _record(self, line: int, data: Mapping[str, Any]) -> SourceRecord | None:
         # id
+        id_name: str | None = None
         if self.id_field == LINE_ID:
             doc_id: Any = line
         else:
             names = (self.id_field,) if self.id_field else DEFAULT_ID_FIELDS
             present = [name for name in names if name in data]
-            if not present:
-                hint = "" if self.id_field else " (set id_field, or '@line' to number by line)"
-                self._bad(line, f"no id field {' or '.join(repr(n) for n in names)}{hint}")
-                return None
-            doc_id = data[present[0]]
-            id_name = present[0]
+            if present:
+                id_name = present[0]
+                doc_id = data[id_name]
+            else:
+                doc_id = line
+                self._numbered(line, names)
         if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
             self._bad(
                 line, f"id {doc_id!r} is a {type(doc_id).__name__}: ids are strings or integers"
@@ -252,7 +271,7 @@ class Source:
             return None
         # metadata
         skip = {self.text_field}
-        if self.id_field != LINE_ID:
+        if id_name is not None:
             skip.add(id_name)
         if self.metadata_fields is not None:
             metadata = {name: data[name] for name in self.metadata_fields if name in data}
@@ -352,8 +371,28 @@ class Source:
         for root, dirs, files in os.walk(self.path):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
-                if name.lower().endswith(TEXT_SUFFIXES) and not name.startswith("."):
+                if name.startswith("."):  # hidden files, like hidden folders
+                    continue
+                if name.lower().endswith(TEXT_SUFFIXES):
                     yield Path(root) / name
+                else:
+                    self._skipped(Path(root) / name)
+
+    def _skipped(self, path: Path) -> None:
+        """Say once per extension which files a folder source leaves out, and why."""
+        suffix = path.suffix.lower()
+        if suffix in self._skipped_suffixes:
+            return
+        self._skipped_suffixes.add(suffix)
+        what = f"{suffix} files" if suffix else "files without an extension"
+        logger.warning(
+            "skipping %s in %s (e.g. %s): a folder source reads %s files only; convert them, "
+            "or index a JSONL, CSV or Parquet file",
+            what,
+            self.path,
+            path.relative_to(self.path).as_posix(),
+            ", ".join(TEXT_SUFFIXES),
+        )
 
     def _read_folder(self) -> Iterator[tuple[int, Any]]:
         self._files = []

@@ -34,7 +34,19 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-__all__ = ["SAMPLE_TEXTS", "ForwardPassCounter", "build_random_checkpoint", "SPECIAL_TOKENS"]
+__all__ = [
+    "SAMPLE_TEXTS",
+    "ForwardPassCounter",
+    "build_random_checkpoint",
+    "random_checkpoint",
+    "RANDOM_MODEL",
+    "SPECIAL_TOKENS",
+]
+
+#: The model name that means "the small random checkpoint" everywhere a model is named:
+#: ``M3Encoder.from_pretrained("random")``, ``--model random``, ``M3_MODEL=random``,
+#: ``make demo MODEL=random``. (A folder called ``random`` is ``./random``.)
+RANDOM_MODEL = "random"
 
 #: The special tokens of XLM-RoBERTa in id order; ``<mask>`` is appended after the vocabulary.
 SPECIAL_TOKENS: tuple[str, ...] = ("<s>", "<pad>", "</s>", "<unk>")
@@ -283,6 +295,33 @@ def build_random_checkpoint(
         {k: v.detach().clone() for k, v in sparse.state_dict().items()}, out / "sparse_linear.pt"
     )
     return out
+
+
+def random_checkpoint() -> Path:
+    """The random checkpoint that the model name ``"random"`` means: built once (about a
+    second) in the user's cache, ``$XDG_CACHE_HOME/m3connect/random-bge-m3`` (or
+    ``~/.cache/...``), with the default arguments of :func:`build_random_checkpoint`, so its
+    bytes (and the fingerprint of stores indexed with it) are the same each time.
+
+    Several processes may ask at once (Ray actors): each builds into its own folder and the
+    first rename wins."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "m3connect"
+    folder = cache / "random-bge-m3"
+    if (folder / "sparse_linear.pt").is_file():
+        return folder
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix="random-bge-m3.partial-", dir=cache))
+    try:
+        build_random_checkpoint(partial)
+        try:
+            os.rename(partial, folder)
+        except OSError:  # another process was faster (or an incomplete folder is in the way)
+            if not (folder / "sparse_linear.pt").is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+                os.rename(partial, folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,10 +25,12 @@ never holds them, so its ``str``/``repr`` are safe to log.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "UriError",
+    "StoreNotFoundError",
     "StoreURI",
     "StoreHandle",
     "parse_store_uri",
@@ -93,6 +96,11 @@ CREDENTIAL_ENV = {
 
 class UriError(ValueError):
     """A store URI that cannot be understood."""
+
+
+class StoreNotFoundError(UriError, LookupError):
+    """A store opened for reading (``open_store(..., create=False)``) that does not exist: no
+    file or folder at the path, or no such collection. A typo must not create an empty store."""
 
 
 @dataclass(frozen=True)
@@ -215,8 +223,15 @@ class StoreHandle:
         self.uri = uri
         self.store = store
         self.client = client
+        self.closed = False
+        if client is not None:
+            _OPEN_HANDLES.add(self)
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        _OPEN_HANDLES.discard(self)
         try:
             self.store.close()
         finally:
@@ -234,6 +249,17 @@ class StoreHandle:
 
 _MEMORY_STORES: dict[str, M3Store] = {}
 _MEMORY_LOCK = threading.Lock()
+# Handles not closed by their user are closed at exit, while the interpreter still works: a
+# Qdrant local client closed by the garbage collector during shutdown raises "sys.meta_path is
+# None, Python is likely shutting down".
+_OPEN_HANDLES: weakref.WeakSet[StoreHandle] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_handles() -> None:
+    for handle in list(_OPEN_HANDLES):
+        with contextlib.suppress(Exception):
+            handle.close()
 
 
 def parse_store_uri(text: str | StoreURI) -> StoreURI:
@@ -311,17 +337,22 @@ def open_store(
     *,
     encoder: M3Encoder | None = None,
     fingerprint: ModelFingerprint | None = None,
+    create: bool = True,
     **options: Any,
 ) -> StoreHandle:
     """Connect and open the store ``uri`` names: a :class:`StoreHandle` (``.store``,
     ``.close()``). ``fingerprint``/``encoder`` are passed to the store (a stored collection of
     another model or other settings is a :class:`~m3connect.fingerprint.FingerprintMismatchError`);
-    ``options`` add to the URI's query options."""
+    ``options`` add to the URI's query options. ``create=False`` opens an existing store only
+    (for reading): a path or collection that is not there is a :class:`StoreNotFoundError`, and
+    nothing is created."""
     parsed = parse_store_uri(uri)
     kwargs = {**parsed.options, **options}
     if fingerprint is not None:
         kwargs["fingerprint"] = fingerprint
     cls = parsed.store_class()
+    if not create:
+        _require_location(parsed)
     if parsed.kind == "memory":
         if not parsed.collection:
             return StoreHandle(parsed, cls(encoder, **kwargs), None)
@@ -338,11 +369,66 @@ def open_store(
         return StoreHandle(parsed, store, None)
     client = parsed.connect()
     try:
+        if not create:
+            _require_collection(parsed, client)
         store = cls(client, parsed.collection, encoder, **kwargs)  # type: ignore[call-arg]
     except BaseException:
         _close_quietly(client)
         raise
     return StoreHandle(parsed, store, client)
+
+
+_CREATE_HINT = "`m3connect index SOURCE --store URI` creates a store"
+
+
+def _require_location(parsed: StoreURI) -> None:
+    """Before connecting (which would create it): the file or folder of an embedded store, or
+    the named in-memory store, must exist."""
+    if parsed.kind == "memory":
+        with _MEMORY_LOCK:
+            known = bool(parsed.collection) and parsed.collection in _MEMORY_STORES
+        if not known:
+            raise StoreNotFoundError(
+                f"{parsed} is not a store: an in-memory store lives only in the process that "
+                f"made it. Name a store on disk or a server; {_CREATE_HINT}"
+            )
+        return
+    if parsed.remote or parsed.location in ("", ":memory:"):
+        return
+    path = Path(parsed.location).expanduser()
+    if not path.exists():
+        raise StoreNotFoundError(
+            f"no store at {parsed.location} ({path.resolve()} does not exist): check the path "
+            f"of {parsed}; {_CREATE_HINT}"
+        )
+
+
+def _require_collection(parsed: StoreURI, client: Any) -> None:
+    """The collection (index) must exist; the message lists the ones that do, when cheap."""
+    others: list[str] | None = None
+    if parsed.kind == "qdrant" and hasattr(client, "collection_exists"):
+        if client.collection_exists(parsed.collection):
+            return
+        others = [c.name for c in client.get_collections().collections]
+    elif parsed.kind == "milvus" and hasattr(client, "has_collection"):
+        if client.has_collection(parsed.collection):
+            return
+        from m3connect.stores.milvus import COMPANION_SUFFIX
+
+        others = [n for n in client.list_collections() if not n.endswith(COMPANION_SUFFIX)]
+    elif parsed.kind == "elasticsearch" and hasattr(client, "indices"):
+        if client.indices.exists(index=parsed.collection):
+            return
+    else:  # a kind (or client) this check does not know: the store itself decides
+        return
+    where = parsed.location if not parsed.remote else f"the server {parsed.location}"
+    listing = ""
+    if others is not None:
+        listing = f" (there: {', '.join(sorted(others)[:10])})" if others else " (it holds none)"
+    raise StoreNotFoundError(
+        f"{parsed}: no collection {parsed.collection!r} at {where}{listing}; check the name "
+        f"(the part after '#' or the URL path); {_CREATE_HINT}"
+    )
 
 
 def drop_memory_store(name: str) -> None:

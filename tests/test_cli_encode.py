@@ -38,14 +38,18 @@ def docs(tmp_path: Path) -> Path:
 
 
 def test_encode_jsonl_matches_the_encoder(
-    docs: Path, tmp_path: Path, m3_checkpoint: Path, m3_encoder: M3Encoder
+    docs: Path, tmp_path: Path, m3_checkpoint: Path, m3_encoder: M3Encoder, caplog
 ) -> None:
     out_path = tmp_path / "out" / "vectors.jsonl"
     result = run(
-        "encode", str(docs), str(out_path), "--model", str(m3_checkpoint), "--max-length", "64"
-    )
+        "encode", str(docs), str(out_path), "--model", str(m3_checkpoint), "--max-length", "64",
+        "--progress",
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "encoding" in result.output  # the progress bar (stderr)
+    assert "encoding" in result.output  # the progress bar (stderr), asked for off a terminal
+    # The record without an id is numbered by its line, with one warning that names the flag.
+    (warning,) = [r.getMessage() for r in caplog.records if "no id field" in r.getMessage()]
+    assert "line 3 has no id field 'id'" in warning and "--id-field" in warning
     lines = [json.loads(line) for line in out_path.read_text(encoding="utf-8").splitlines()]
     assert [line["id"] for line in lines] == ["doc-1", 7, 3, "doc-4"]
     expected = m3_encoder.encode([r["text"] for r in RECORDS], max_length=64)

@@ -86,8 +86,11 @@ def test_index_then_search(runner, corpus, tmp_path, m3_checkpoint) -> None:
     # The model defaults to the one the store was indexed with.
     result = run(runner, "search", uri, "capital of France", "--rerank", "all", "-k", "5")
     lines = result.stdout.strip().splitlines()
-    assert lines[0].split()[:6] == ["#", "id", "score", "dense", "sparse", "colbert"]
-    assert len(lines) == 2 + 5
+    # The score that orders the hits is named after what it is ("all": the weighted sum of
+    # the exact scores), the per-representation scores after the bar; a legend says so.
+    assert lines[0].split()[:7] == ["#", "id", "all", "|", "dense", "sparse", "colbert"]
+    assert len(lines) == 2 + 5 + 1
+    assert lines[-1].startswith("all: the weighted sum of the exact scores")
     assert re.match(r"\s+1\s+doc-\d+#\d+\s", lines[2])
 
     result = run(
@@ -168,6 +171,7 @@ def test_on_error_stop_names_the_line(runner, corpus, tmp_path, m3_checkpoint) -
         } == {f"doc-{i}" for i in range(6)}
 
 
+@pytest.mark.slow
 def test_changed_chunking_is_refused_then_rebuilt(runner, corpus, tmp_path, m3_checkpoint) -> None:
     uri = f"qdrant:{tmp_path / 'store'}"
     base = ["index", corpus, "--store", uri, "--model", m3_checkpoint, "--no-progress"]
@@ -204,6 +208,7 @@ def test_two_stores_one_job(runner, corpus, tmp_path, m3_checkpoint) -> None:
             assert handle.store.count() == summary["chunks"] == 19
 
 
+@pytest.mark.slow
 def test_sigint_then_resume(corpus, tmp_path, m3_checkpoint, m3_encoder) -> None:
     """A real Ctrl-C in a subprocess (with its own store files); the next run finishes the job
     with exact counts."""
@@ -303,6 +308,7 @@ def test_eval(runner, tmp_path, m3_checkpoint, beir_dir) -> None:
     assert "unknown mode" in result.output
 
 
+@pytest.mark.slow
 def test_demo(runner, tmp_path, m3_checkpoint, beir_dir, monkeypatch) -> None:
     monkeypatch.setattr(cli_jobs, "SAMPLE_DIR", beir_dir)
     monkeypatch.chdir(tmp_path)
@@ -330,6 +336,7 @@ def test_demo_offline_hub_id_prints_the_encoder_message(
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
 
 
+@pytest.mark.slow
 def test_bundled_sample_demo_with_random_model(runner, tmp_path, monkeypatch) -> None:
     if not (cli_jobs.SAMPLE_DIR / "corpus.jsonl").is_file():
         pytest.skip("the bundled sample corpus is not there yet")

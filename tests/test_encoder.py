@@ -233,6 +233,7 @@ def test_encode_queries_truncate_at_512(m3_encoder: M3Encoder) -> None:
     assert m3_encoder.max_length == 8192
 
 
+@pytest.mark.slow
 def test_colbert_float16(m3_encoder: M3Encoder) -> None:
     full = m3_encoder.encode(MIXED)
     half = m3_encoder.encode(MIXED, colbert_dtype="float16")
@@ -244,6 +245,7 @@ def test_colbert_float16(m3_encoder: M3Encoder) -> None:
         m3_encoder.encode(PLAIN, colbert_dtype="int8")
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_is_close(m3_checkpoint: Path, m3_encoder: M3Encoder) -> None:
     bf16 = M3Encoder.from_pretrained(m3_checkpoint, device="cpu", dtype="bfloat16")
     assert bf16.dtype == torch.bfloat16 and m3_encoder.dtype == torch.float32
@@ -373,6 +375,7 @@ def test_head_files_are_loaded_with_weights_only(checkpoint_copy: Path, tmp_path
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_offline_hub_id_fails_with_advice(tmp_path: Path) -> None:
     code = textwrap.dedent(
         """

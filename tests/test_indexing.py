@@ -121,6 +121,7 @@ def test_index_and_summary(m3_encoder, corpus) -> None:
     }
 
 
+@pytest.mark.slow
 def test_encode_once_for_every_store(m3_encoder, corpus, tmp_path) -> None:
     counting = CountingEncoder(m3_encoder)
     uris = [
@@ -148,6 +149,7 @@ def test_encode_once_for_every_store(m3_encoder, corpus, tmp_path) -> None:
     assert summary.indexed == 40 and summary.skipped == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "failure", [ConnectionError("the database went away"), KeyboardInterrupt()]
 )
@@ -236,6 +238,7 @@ def test_changed_documents_are_reindexed(m3_encoder, corpus, tmp_path) -> None:
     assert_same_content(fresh, store, ids)
 
 
+@pytest.mark.slow
 def test_changed_documents_are_reindexed_in_a_database(m3_encoder, corpus, tmp_path) -> None:
     """The same through a database's own delete-by-filter (on the chunks' doc_id)."""
     uri = f"qdrant:{tmp_path / 'q'}"
@@ -251,6 +254,7 @@ def test_changed_documents_are_reindexed_in_a_database(m3_encoder, corpus, tmp_p
         assert_same_content(fresh, handle.store, ids)
 
 
+@pytest.mark.slow
 def test_changed_chunking_is_a_clear_error_or_a_clean_rebuild(m3_encoder, corpus, tmp_path) -> None:
     uri = f"qdrant:{tmp_path / 'q'}#docs"
     IndexJob(m3_encoder, [uri], max_tokens=MAX_TOKENS).run(corpus)

@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 DATABASE_CLIENTS = ("qdrant_client", "qdrant_edge", "pymilvus", "elasticsearch", "ray")
 
 
+@pytest.mark.slow
 def test_the_core_imports_no_database_client():
     code = (
         "import sys, json\n"

@@ -60,18 +60,23 @@ BAD_LINES = [
 ]
 
 
-def test_bad_records_are_skipped_and_reported(tmp_path) -> None:
+def test_bad_records_are_skipped_and_reported(tmp_path, caplog) -> None:
     path = _jsonl(tmp_path / "bad.jsonl", BAD_LINES)
     source = open_source(path, on_error="skip")
-    assert [r.id for r in source] == ["ok1", "ok2"]
+    # Line 7 has no id: it is numbered by its line (with a warning naming --id-field), not lost.
+    assert [r.id for r in source] == ["ok1", 7, "ok2"]
+    assert source.numbered == 1
+    numbered = [r.getMessage() for r in caplog.records if "no id field" in r.getMessage()]
+    assert len(numbered) == 1
+    assert "line 7 has no id field '_id' or 'id'" in numbered[0]
+    assert "--id-field" in numbered[0]
     reasons = {bad.line: bad.reason for bad in source.errors}
-    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 8, 9]
     assert "invalid JSON" in reasons[2]
     assert "no text field" in reasons[3]
     assert "int, not a string" in reasons[4]
     assert "empty text" in reasons[5]
     assert "not an object" in reasons[6]
-    assert "no id field" in reasons[7]
     assert "float" in reasons[8]
     assert "occurs again (first at line 1)" in reasons[9]
     assert str(source.errors[0]) == f"{path} line 2: {reasons[2]}"

@@ -534,6 +534,7 @@ def test_colbert_search_is_exact_beyond_the_first_token_round(make_store):
     assert all(math.isclose(h.score, exact[h.id], abs_tol=1e-5) for h in got)  # scores stay exact
 
 
+@pytest.mark.slow
 def test_colbert_with_an_unselective_filter(make_store):
     """A filter matching more documents than ``colbert_filter_list_max`` is checked per round."""
     store, reference = filled_pair(make_store, colbert_filter_list_max=3, colbert_token_limit=4)

@@ -188,6 +188,7 @@ def test_store_uri_is_hashable_and_comparable() -> None:
     assert isinstance(a, StoreURI)
 
 
+@pytest.mark.slow
 def test_milvus_file_written_by_another_process(tmp_path) -> None:
     """A Milvus Lite file written (and closed) by one process opens, loaded, in the next."""
     import os
