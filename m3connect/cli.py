@@ -448,3 +448,8 @@ main.add_command(index_command)
 main.add_command(search_command)
 main.add_command(eval_command)
 main.add_command(demo_command)
+
+# finetune: m3connect.finetune.cli imports only click at load.
+from m3connect.finetune.cli import finetune_command  # noqa: E402
+
+main.add_command(finetune_command)

@@ -17,6 +17,7 @@ per token against the body's dozens, and float32 keeps the L2 normalisation and 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from m3connect.batching import DEFAULT_BATCH_TOKENS, OOMSplitter, plan_batches
-from m3connect.fingerprint import ModelFingerprint
+from m3connect.fingerprint import ModelFingerprint, weights_sha256
 from m3connect.types import M3Embedding, M3Output, SparseWeights
 
 __all__ = ["CheckpointError", "M3Encoder", "DEFAULT_MODEL", "DEFAULT_BATCH_TOKENS"]
@@ -359,6 +360,18 @@ def _load_head(path: Path, kind: str, hidden_size: int) -> dict[str, torch.Tenso
     return {"weight": weight, "bias": bias}
 
 
+def _body_files(folder: Path) -> list[Path]:
+    """The files holding a checkpoint's body weights (what transformers loads)."""
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        return [folder / shard for shard in shards]
+    return sorted(folder.glob("pytorch_model*.bin"))
+
+
 def _heads_sha256(heads: Mapping[str, Mapping[str, torch.Tensor]]) -> str:
     """sha256 over the heads as stored: per head (colbert, sparse), per key (sorted), the
     name, dtype and shape, then the raw bytes. Independent of the compute dtype and device."""
@@ -420,7 +433,9 @@ class M3Encoder:
     dense, sparse and ColBERT vectors of every text.
 
     Build it with :meth:`from_pretrained`. The constructor takes already-loaded parts, for a
-    model fine-tuned in the same process.
+    model fine-tuned in the same process; ``body_sha256`` is the body's
+    :func:`~m3connect.fingerprint.weights_sha256` when known ("" otherwise: the fingerprint
+    then identifies the body only by the heads and dimensions).
     """
 
     def __init__(
@@ -432,7 +447,9 @@ class M3Encoder:
         *,
         name: str,
         device: torch.device | str | None = None,
+        body_sha256: str = "",
     ) -> None:
+        self._body_sha256 = body_sha256
         self._device = (
             torch.device(device) if device is not None else next(model.parameters()).device
         )
@@ -546,7 +563,13 @@ class M3Encoder:
         sparse = _load_head(folder / HEAD_FILES["sparse"], "sparse", hidden)
         logger.info("loaded %s from %s on %s (%s)", name, folder, target, torch_dtype)
         return cls(
-            model, tokenizer, colbert, sparse, name=name.rstrip("/\\") or name, device=target
+            model,
+            tokenizer,
+            colbert,
+            sparse,
+            name=name.rstrip("/\\") or name,
+            device=target,
+            body_sha256=weights_sha256(_body_files(folder)),
         )
 
     # -- properties ------------------------------------------------------------------------
@@ -588,6 +611,16 @@ class M3Encoder:
         return self._max_length
 
     @property
+    def colbert_linear(self) -> torch.nn.Linear:
+        """The ColBERT head (float32; ``m3connect.finetune`` trains it in place)."""
+        return self._colbert
+
+    @property
+    def sparse_linear(self) -> torch.nn.Linear:
+        """The sparse head (float32; ``m3connect.finetune`` trains it in place)."""
+        return self._sparse
+
+    @property
     def special_token_ids(self) -> frozenset[int]:
         """Ids dropped from the sparse weights: ``<s>``, ``</s>``, ``<pad>``, ``<unk>``."""
         return frozenset(int(i) for i in self._special_ids)
@@ -599,6 +632,7 @@ class M3Encoder:
             dense_dim=self.dense_dim,
             colbert_dim=self.colbert_dim,
             heads_sha256=self._heads_sha256,
+            body_sha256=self._body_sha256,
         )
 
     def __repr__(self) -> str:

@@ -311,10 +311,11 @@ def _mismatch(
         same_model = (stored.dense_dim, stored.colbert_dim) == (
             wanted.dense_dim,
             wanted.colbert_dim,
-        ) and (
-            not stored.heads_sha256
-            or not wanted.heads_sha256
-            or stored.heads_sha256 == wanted.heads_sha256
+        ) and all(
+            not getattr(stored, h)
+            or not getattr(wanted, h)
+            or getattr(stored, h) == getattr(wanted, h)
+            for h in ("heads_sha256", "body_sha256")
         )
         if same_model and theirs != mine:
             what = f"other chunking settings ({_chunking_text(theirs)}; this job: {_chunking_text(mine)})"

@@ -23,9 +23,19 @@ the search used in ``Hit.scores``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import numbers
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -44,6 +54,13 @@ Mode = Literal["dense", "sparse", "colbert", "hybrid"]
 FusionName = Literal["rrf", "weighted", "dbsf"]
 RerankName = Literal["colbert", "all"]
 LEG_NAMES = ("dense", "sparse", "colbert")
+#: Sparse token ids are unsigned 32-bit integers (every database stores them so).
+MAX_TOKEN_ID = 2**32 - 1
+#: Metadata ints are signed 64-bit (JSON numbers beyond it are refused by the databases).
+INT64_RANGE = (-(2**63), 2**63 - 1)
+_METADATA_MAX_DEPTH = 32
+
+logger = logging.getLogger(__name__)
 
 
 class StoreError(ValueError):
@@ -220,8 +237,12 @@ class StoreBase:
         metadatas: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> PreparedBatch:
         """Validate a batch before anything is written, apply the ColBERT size controls, and
-        learn the fingerprint from the first batch when the store has none."""
-        ids = list(ids)
+        learn the fingerprint from the first batch when the store has none.
+
+        This is the one validation of every store: whatever a database would refuse (a
+        non-finite number, a metadata value JSON cannot hold, an int beyond 64 bits, a sparse
+        token id outside ``[0, 2**32)``) is a :class:`StoreError` here, before any write."""
+        ids = id_list(ids)
         n = len(ids)
         if not isinstance(embeddings, M3Output):
             raise StoreError(f"embeddings must be an M3Output, got {type(embeddings).__name__}")
@@ -243,13 +264,12 @@ class StoreBase:
             raise StoreError(f"{n} ids but {len(text_list)} texts")
         if texts is not None:
             _check_texts(text_list)
-        meta_list = [dict(m) if m else {} for m in (metadatas or [None] * n)]
-        if len(meta_list) != n:
-            raise StoreError(f"{n} ids but {len(meta_list)} metadatas")
-        for doc_id, meta in zip(ids, meta_list):
-            for key in meta:
-                if not isinstance(key, str):
-                    raise StoreError(f"metadata keys must be strings (id {doc_id!r}: {key!r})")
+        if isinstance(metadatas, Mapping):
+            raise StoreError("metadatas must be a list of mappings (one per id), not one mapping")
+        raw_metas = list(metadatas) if metadatas is not None else [None] * n
+        if len(raw_metas) != n:
+            raise StoreError(f"{n} ids but {len(raw_metas)} metadatas")
+        meta_list = [check_metadata(doc_id, m) for doc_id, m in zip(ids, raw_metas)]
 
         dense = np.asarray(embeddings.dense, dtype=np.float32)
         if dense.ndim != 2:
@@ -309,7 +329,7 @@ class StoreBase:
             # The same rules as stored weights: a negative weight would make "shares a token"
             # differ from "scores above 0", which the sparse leg relies on.
             query = M3Embedding(
-                query.dense, _check_sparse("the query", query.sparse), query.colbert
+                query.dense, _check_sparse("the query", query.sparse, query=True), query.colbert
             )
         if self.fingerprint is not None:
             if query.dense is not None and np.shape(query.dense) != (self.fingerprint.dense_dim,):
@@ -349,6 +369,7 @@ class M3Store(StoreBase, ABC):
     ) -> list[DocId]:
         """Encode ``texts`` (one pass for all three representations) and upsert them.
         Without ``ids``, new UUID strings are generated. Returns the ids."""
+        _check_texts(texts)
         ids = _ids_or_new(ids, len(texts))
         self.add(ids, self._encode_texts(texts), texts=texts, metadatas=metadatas)
         return ids
@@ -361,15 +382,19 @@ class M3Store(StoreBase, ABC):
         texts: Sequence[str | None] | None = None,
         metadatas: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> None:
-        """Upsert pre-encoded documents: an existing id is replaced in every field."""
+        """Upsert pre-encoded documents: an existing id is replaced in every field. The batch
+        lands whole or not at all: bad input is a :class:`StoreError` before any write, and a
+        database error part way is undone (:func:`write_or_roll_back`)."""
 
     @abstractmethod
     def get(self, ids: Sequence[DocId], *, with_vectors: bool = False) -> list[Record]:
-        """The stored documents among ``ids``, in the order asked; unknown ids are skipped."""
+        """The stored documents among ``ids``, in the order asked; unknown ids are skipped.
+        A bare string or int is one id (see :func:`id_list`)."""
 
     @abstractmethod
     def delete(self, ids: Sequence[DocId] | None = None, *, filter: FilterLike = None) -> None:
-        """Delete by ids, by filter, or both (documents matching either). Unknown ids are ignored."""
+        """Delete by ids, by filter, or both (documents matching either). Unknown ids are
+        ignored; a bare string or int is one id (``delete("abc")`` deletes ``"abc"`` only)."""
 
     @abstractmethod
     def count(self, *, filter: FilterLike = None) -> int:
@@ -432,6 +457,7 @@ class AsyncM3Store(StoreBase, ABC):
         ids: Sequence[DocId] | None = None,
         metadatas: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> list[DocId]:
+        _check_texts(texts)
         ids = _ids_or_new(ids, len(texts))
         # Encoding is CPU/GPU-bound: keep the event loop free while it runs.
         embeddings = await asyncio.to_thread(self._encode_texts, texts)
@@ -591,6 +617,79 @@ def check_delete_target(ids: Sequence[DocId] | None, filter: FilterLike) -> None
         raise StoreError("delete needs ids or a filter (to delete everything, pass filter={})")
 
 
+def id_list(ids: DocId | Iterable[DocId]) -> list[DocId]:
+    """The ids a call names, as a list. A bare ``str`` or ``int`` is that one id (never a
+    sequence of characters: ``delete("abc")`` deletes the document ``"abc"``); any other
+    iterable (list, tuple, set, generator) is its elements. ``bytes``, a mapping, ``None`` or a
+    non-iterable are refused. Every store's ``get``/``delete``/``add`` and the integrations
+    pass their ids through here, so they all read the same call the same way."""
+    if isinstance(ids, bool):
+        raise StoreError(f"ids must be strings or ints, got {ids!r}")
+    if isinstance(ids, (str, int)):
+        return [ids]
+    if isinstance(ids, (bytes, bytearray, memoryview)):
+        raise StoreError(
+            f"ids must be strings or ints (or a list of them), got {type(ids).__name__}: "
+            "decode bytes to str first"
+        )
+    if ids is None or isinstance(ids, Mapping) or not isinstance(ids, Iterable):
+        raise StoreError(
+            f"ids must be a string, an int, or a list of them, got {type(ids).__name__}"
+        )
+    return list(ids)
+
+
+def check_metadata(doc_id: DocId, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A JSON-safe copy of one document's metadata, or :class:`StoreError` naming what no
+    store can keep: keys that are not strings, NaN/inf, ints beyond 64 bits, and values JSON
+    has no type for (``datetime``, ``set``, ``bytes``, objects). Tuples become lists and numpy
+    scalars/arrays plain numbers/lists, as every database gives them back."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise StoreError(
+            f"metadata of id {doc_id!r} must be a mapping, got {type(metadata).__name__}"
+        )
+    return _json_value(doc_id, metadata, "", 0)
+
+
+def _json_value(doc_id: DocId, value: Any, path: str, depth: int) -> Any:
+    where = f"metadata{path} of id {doc_id!r}"
+    if depth > _METADATA_MAX_DEPTH:
+        raise StoreError(f"{where} is nested deeper than {_METADATA_MAX_DEPTH} levels")
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        number = int(value)
+        if not INT64_RANGE[0] <= number <= INT64_RANGE[1]:
+            raise StoreError(f"{where} is {number}: metadata ints must fit in 64 bits (signed)")
+        return number
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise StoreError(f"{where} is {value!r}: metadata numbers must be finite")
+        return value
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise StoreError(f"metadata keys must be strings ({where}: {key!r})")
+            out[key] = _json_value(doc_id, item, f"{path}[{key!r}]", depth + 1)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_json_value(doc_id, v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+    raise StoreError(
+        f"{where} is a {type(value).__name__} ({value!r:.60}): metadata values are JSON "
+        "(str, int, float, bool, None, lists and dicts of them); convert it first "
+        "(e.g. a datetime to an ISO string, a set to a sorted list)"
+    )
+
+
 def search_records(
     records: Sequence[Record], query: M3Embedding, params: SearchParams
 ) -> list[Hit]:
@@ -610,11 +709,9 @@ def search_records(
     return subset._search(query, params)
 
 
-def _unique_ids(ids: Sequence[DocId]) -> list[DocId]:
-    if isinstance(ids, (str, int)):
-        raise StoreError("ids must be a list of ids, not one id")
+def _unique_ids(ids: DocId | Iterable[DocId]) -> list[DocId]:
     # "1" and 1 are different ids: dedupe by type and value.
-    return [i for _, i in dict.fromkeys((type(i), i) for i in ids)]
+    return [i for _, i in dict.fromkeys((type(i), i) for i in id_list(ids))]
 
 
 def check_id(doc_id: Any) -> DocId:
@@ -636,16 +733,35 @@ def _check_texts(texts: Sequence[Any]) -> None:
             raise StoreError(f"text {i} is {text!r}: every text must be a string")
 
 
-def _check_sparse(doc_id: DocId, weights: Mapping[Any, Any]) -> dict[int, float]:
+def _check_sparse(
+    doc_id: DocId, weights: Mapping[Any, Any], *, query: bool = False
+) -> dict[int, float]:
+    if not isinstance(weights, Mapping):
+        raise StoreError(
+            f"sparse weights of id {doc_id!r} must map token ids to weights, "
+            f"got {type(weights).__name__}"
+        )
     out: dict[int, float] = {}
     for token, weight in weights.items():
-        try:
+        if isinstance(token, numbers.Integral) and not isinstance(token, bool):
             token_id = int(token)
+        elif isinstance(token, str) and token.isascii() and token.isdigit():
+            token_id = int(token)  # a JSON round trip makes keys strings
+        else:
+            raise StoreError(f"sparse token ids of id {doc_id!r} must be ints, got {token!r}")
+        if not 0 <= token_id <= MAX_TOKEN_ID:
+            if query:  # no document holds such a token: it matches nothing
+                continue
+            raise StoreError(
+                f"sparse token id {token_id} of id {doc_id!r} is outside [0, 2**32): "
+                "token ids are unsigned 32-bit"
+            )
+        try:
+            w = float(weight)
         except (TypeError, ValueError):
             raise StoreError(
-                f"sparse token ids of id {doc_id!r} must be ints, got {token!r}"
+                f"sparse weight {weight!r} of token {token!r} (id {doc_id!r}) is not a number"
             ) from None
-        w = float(weight)
         if not math.isfinite(w) or w < 0:
             raise StoreError(
                 f"sparse weight {weight!r} of token {token!r} (id {doc_id!r}) must be >= 0 and finite"
@@ -660,7 +776,131 @@ def _ids_or_new(ids: Sequence[DocId] | None, n: int) -> list[DocId]:
         import uuid
 
         return [str(uuid.uuid4()) for _ in range(n)]
-    ids = list(ids)
+    ids = id_list(ids)
     if len(ids) != n:
         raise StoreError(f"{n} texts but {len(ids)} ids")
     return ids
+
+
+# --- the write protocol ----------------------------------------------------------------------
+
+#: A step of a store's I/O, as the write protocol's handlers yield it: the store's driver runs
+#: it (a database call) and sends the result back. Sync stores whose handlers call the database
+#: directly yield nothing.
+WriteSteps = Generator[Any, Any, Any]
+
+
+def records_batch(records: Sequence[Record]) -> PreparedBatch:
+    """The batch that writes ``records`` (read with vectors) back as they were."""
+    embeddings = [r.embedding for r in records]
+    if any(e is None for e in embeddings):
+        raise StoreError("records_batch needs records read with_vectors=True")
+    return PreparedBatch(
+        ids=[r.id for r in records],
+        embeddings=M3Output(
+            dense=np.stack([np.asarray(e.dense, dtype=np.float32) for e in embeddings])  # type: ignore[union-attr]
+            if records
+            else np.zeros((0, 0), dtype=np.float32),
+            sparse=[dict(e.sparse or {}) for e in embeddings],  # type: ignore[union-attr]
+            colbert=[np.asarray(e.colbert) for e in embeddings],  # type: ignore[union-attr]
+        ),
+        texts=[r.text for r in records],
+        metadatas=[dict(r.metadata) for r in records],
+    )
+
+
+def write_or_roll_back(
+    batch: PreparedBatch,
+    write: Callable[[PreparedBatch], WriteSteps],
+    read: Callable[[list[DocId]], WriteSteps],
+    remove: Callable[[list[DocId]], WriteSteps],
+    *,
+    atomic: bool,
+) -> WriteSteps:
+    """The write protocol of every store: an ``add`` either lands whole or leaves the store as
+    it was.
+
+    ``atomic``: the adapter writes this batch in one request that the database applies whole
+    or not at all; nothing more is needed. Otherwise (several requests, or a request whose
+    items can fail one by one) the documents the batch replaces are read first (``read``:
+    their records with vectors), and when any write fails the call undoes itself: the ids it
+    added are removed (``remove``) and the replaced documents are written back (``write``),
+    then the original error is raised. Each handler is a generator function whose yields pass
+    through to the store's driver (see :func:`m3connect.search.drive_steps`).
+    """
+    if atomic or not batch.ids:
+        yield from write(batch)
+        return
+    before: list[Record] = yield from read(list(batch.ids))
+    try:
+        yield from write(batch)
+    except Exception as exc:
+        kept = {(type(r.id), r.id) for r in before}
+        added = [i for i in batch.ids if (type(i), i) not in kept]
+        try:
+            if added:
+                yield from remove(added)
+            if before:
+                yield from write(records_batch(before))
+        except Exception as undo_error:
+            logger.error(
+                "an add of %d documents failed (%s) and undoing it failed too (%s): "
+                "the store may hold part of the batch",
+                len(batch.ids),
+                type(exc).__name__,
+                undo_error,
+            )
+            if hasattr(exc, "add_note"):  # Python 3.11+
+                exc.add_note(f"undoing the partial write failed too: {undo_error}")
+        else:
+            logger.warning(
+                "an add of %d documents failed (%s); what it wrote was undone",
+                len(batch.ids),
+                type(exc).__name__,
+            )
+        raise
+
+
+def direct(fn: Callable[..., Any]) -> Callable[..., WriteSteps]:
+    """A protocol handler of a plain function (a store that calls its database directly)."""
+
+    def handler(*args: Any) -> WriteSteps:
+        return fn(*args)
+        yield  # unreachable: makes this a generator that yields nothing
+
+    return handler
+
+
+def awaited(fn: Callable[..., Any]) -> Callable[..., WriteSteps]:
+    """A protocol handler of a coroutine function: yields the awaitable to
+    :func:`run_awaiting`, which sends back its result."""
+
+    def handler(*args: Any) -> WriteSteps:
+        return (yield fn(*args))
+
+    return handler
+
+
+async def run_awaiting(steps: WriteSteps) -> Any:
+    """Run a protocol whose handlers yield awaitables (async stores): each is awaited and its
+    result (or exception) goes back into the protocol."""
+    send: Callable[[Any], Any] = steps.send
+    value: Any = None
+    while True:
+        try:
+            step = send(value)
+        except StopIteration as done:
+            return done.value
+        try:
+            value, send = await step, steps.send
+        except Exception as exc:
+            value, send = exc, steps.throw
+
+
+def run_direct(steps: WriteSteps) -> Any:
+    """Run a protocol whose handlers call the database themselves (they yield nothing)."""
+    try:
+        step = next(steps)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError(f"a direct write handler yielded {step!r}")

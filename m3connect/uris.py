@@ -34,7 +34,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from m3connect.fingerprint import ModelFingerprint
 
@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_STORE_URI",
     "DEFAULT_COLLECTION",
     "KINDS",
+    "redact_uri",
 ]
 
 DEFAULT_COLLECTION = "m3connect"
@@ -131,7 +132,8 @@ class StoreURI:
             return f"{self.kind}:{self.location}{query}#{self.collection}"
         scheme = "es" if self.kind == "elasticsearch" else self.kind
         database = f"{self.database}/" if self.database else ""
-        return f"{scheme}+{self.location}/{database}{self.collection}{query}"
+        # Parsing refuses credentials; a StoreURI built by hand is redacted all the same.
+        return redact_uri(f"{scheme}+{self.location}/{database}{self.collection}{query}")
 
     def __repr__(self) -> str:
         return f"StoreURI({str(self)!r})"
@@ -279,6 +281,10 @@ def parse_store_uri(text: str | StoreURI) -> StoreURI:
             hint = " (name the database: qdrant+http://..., milvus+http://..., es+http://...)"
         raise UriError(f"unknown store URI {shown!r}{hint}; use one of {_EXAMPLES}")
     kind, remote = _SCHEMES[scheme]
+    # No part of a store URI holds an "@" but userinfo; a password holding "/", "?" or "#"
+    # would end the host part early, so look at the whole text before parsing any of it.
+    if remote and "@" in raw:
+        _refuse_credentials(kind, raw)
     rest, _, fragment = rest.partition("#")
     rest, _, query = rest.partition("?")
     options = _options(query, raw)
@@ -301,18 +307,14 @@ def parse_store_uri(text: str | StoreURI) -> StoreURI:
         return StoreURI(kind, location, collection, False, options=options)
 
     url = urlsplit(f"{scheme.split('+', 1)[1]}:{rest}")
-    if url.username is not None or url.password is not None or "@" in url.netloc:
-        env = " / ".join(CREDENTIAL_ENV[kind])
-        raise UriError(
-            f"credentials do not go in a store URI (they would show in logs and shell history): "
-            f"set {env} in the environment instead ({_redact(raw)})"
-        )
+    if url.username is not None or url.password is not None:
+        _refuse_credentials(kind, raw)
     if not url.hostname:
         raise UriError(f"{_redact(raw)!r} has no host")
     try:
         port = url.port
-    except ValueError as exc:
-        raise UriError(f"{_redact(raw)!r}: {exc}") from None
+    except ValueError:
+        raise UriError(f"{_redact(raw)!r}: the port must be a number from 0 to 65535") from None
     location = f"{url.scheme}://{url.netloc}"
     if port is None:
         default_port = {"qdrant": 6333, "milvus": 19530, "elasticsearch": 9200}[kind]
@@ -330,6 +332,14 @@ def parse_store_uri(text: str | StoreURI) -> StoreURI:
     if kind == "elasticsearch" and collection != collection.lower():
         raise UriError(f"Elasticsearch index names are lowercase, got {collection!r}")
     return StoreURI(kind, location, collection, True, database=database, options=options)
+
+
+def _refuse_credentials(kind: str, raw: str) -> None:
+    env = " / ".join(CREDENTIAL_ENV[kind])
+    raise UriError(
+        f"credentials do not go in a store URI (they would show in logs and shell history): "
+        f"set {env} in the environment instead ({_redact(raw)})"
+    )
 
 
 def open_store(
@@ -447,8 +457,10 @@ def _options(query: str, raw: str) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key not in _OPTIONS:
+            # The name is echoed only when it looks like one (not a stray piece of a secret).
+            shown = f" {key!r}" if _OPTION_NAME.fullmatch(key) else ""
             raise UriError(
-                f"unknown store option {key!r} in {_redact(raw)!r}; known: {', '.join(_OPTIONS)}"
+                f"unknown store option{shown} in {_redact(raw)!r}; known: {', '.join(_OPTIONS)}"
             )
         try:
             options[key] = _OPTIONS[key](value)
@@ -467,6 +479,51 @@ def _collection(name: str, raw: str) -> str:
     return name
 
 
+#: Query options whose values may be shown: the store options (never secrets). Every other
+#: option's value is hidden, whatever its name (``api_key``, ``token``, ``password``, ...).
+_SHOWN_OPTIONS = frozenset(_OPTIONS)
+_OPTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,40}")
+
+
+def redact_uri(raw: str, *, in_text: bool = False) -> str:
+    """``raw`` (a store URI) safe to show in a message, a log line or a ``repr``: its userinfo
+    (``scheme://user:password@``) is replaced by ``***``, and the value of every query option
+    other than the store options by ``***``. ``in_text``: ``raw`` is free text holding URLs
+    separated by whitespace (a password with a space cannot be told from the text there).
+
+    A password may hold any character, ``/ ? # @ : %`` included, and an option value may hold
+    an ``@``: where a secret ends cannot be told, so a URI with an ``@`` shows nothing after its
+    scheme (in free text: nothing from ``//`` to the last ``@`` of the URL). This may hide more
+    than the secret, never less."""
+    if in_text:
+        text = re.sub(r"//\S*@", "//***@", str(raw))
+        return re.sub(r"([?&])([^=&#\s]*)=([^&#\s]*)", _redact_option, text)
+    text = str(raw)
+    if "@" in text:
+        # Userinfo, or an "@" inside an option value: where the secret ends cannot be told,
+        # so nothing after the scheme is shown.
+        head, sep, _ = text.partition("//")
+        return f"{head}//***" if sep else f"{text.partition(':')[0]}:***"
+    base, question, rest = text.partition("?")
+    if not question:
+        return text
+    query, hash_sign, fragment = rest.partition("#")
+    return f"{base}?{'&'.join(_redact_pair(p) for p in query.split('&'))}{hash_sign}{fragment}"
+
+
+def _redact_pair(pair: str) -> str:
+    key, eq, _ = pair.partition("=")
+    if eq and unquote(key).strip().lower() in _SHOWN_OPTIONS:
+        return pair
+    return f"{key}=***" if eq and _OPTION_NAME.fullmatch(key) else "***"
+
+
+def _redact_option(match: re.Match[str]) -> str:
+    sep, key, value = match.groups()
+    if unquote(key).strip().lower() in _SHOWN_OPTIONS and "@" not in value:
+        return match.group(0)
+    return f"{sep}{key}=***"
+
+
 def _redact(raw: str) -> str:
-    """``raw`` with any ``user:password@`` removed, for error messages."""
-    return re.sub(r"//[^/@]*@", "//***@", raw)
+    return redact_uri(raw)

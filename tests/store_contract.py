@@ -18,8 +18,10 @@ and metadata.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -191,7 +193,225 @@ def assert_same_hits(
         assert hit.metadata == ref.metadata
 
 
-class StoreContract:
+# --- data safety (issue 15) ---------------------------------------------------------------------
+
+BAD_METADATA: dict[str, dict[Any, Any]] = {
+    "nan": {"x": float("nan")},
+    "inf": {"x": float("inf")},
+    "nested -inf": {"x": [1.0, {"y": float("-inf")}]},
+    "numpy nan": {"x": np.float32("nan")},
+    "int beyond 64 bits": {"n": 2**70},
+    "negative int beyond 64 bits": {"n": -(2**63) - 1},
+    "datetime": {"when": datetime.datetime(2020, 1, 1)},
+    "date in a list": {"when": [datetime.date(2020, 1, 1)]},
+    "set": {"tags": {"a", "b"}},
+    "bytes": {"raw": b"x"},
+    "object": {"o": object()},
+    "non-string key": {1: "x"},
+    "nested non-string key": {"d": {2: "x"}},
+}
+
+BAD_SPARSE: dict[str, dict[Any, float]] = {
+    "negative token id": {-1: 0.2},
+    "token id 2**32": {2**32: 0.2},
+    "token id 2**40": {2**40: 0.2},
+    "float token id": {1.5: 0.2},  # type: ignore[dict-item]
+    "nan weight": {3: float("nan")},
+    "negative weight": {3: -0.1},
+}
+
+
+@contextlib.contextmanager
+def failing_calls(
+    owner: Any, attr: str, methods: set[str], step: int, error: Callable[[], Exception]
+) -> Iterator[list[int]]:
+    """Replace ``owner.<attr>`` (a database client) by a proxy whose ``methods`` calls are
+    counted and whose ``step``-th call raises ``error()`` instead of running."""
+    target = getattr(owner, attr)
+    made = [0]
+
+    class Proxy:
+        def __getattr__(self, name: str) -> Any:
+            value = getattr(target, name)
+            if name not in methods:
+                return value
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                made[0] += 1
+                if made[0] == step:
+                    raise error()
+                return value(*args, **kwargs)
+
+            return call
+
+    setattr(owner, attr, Proxy())
+    try:
+        yield made
+    finally:
+        setattr(owner, attr, target)
+
+
+def _snapshot(store: M3Store, ids: Sequence[DocId]) -> list[tuple[Any, ...]]:
+    """What ``get`` shows of ``ids``: id, text, metadata and every vector, comparable."""
+    out = []
+    for r in store.get(list(ids), with_vectors=True):
+        emb = r.embedding
+        assert emb is not None
+        out.append(
+            (
+                type(r.id).__name__,
+                r.id,
+                r.text,
+                r.metadata,
+                np.round(np.asarray(emb.dense, dtype=np.float64), 5).tolist(),
+                sorted((int(t), round(float(w), 4)) for t, w in (emb.sparse or {}).items()),
+                np.round(np.asarray(emb.colbert, dtype=np.float64), 3).tolist(),
+            )
+        )
+    return out
+
+
+class DataSafetyContract:
+    """Mixed into :class:`StoreContract`: ids, validation and the write protocol (issue 15)."""
+
+    def _small_store(self, store_factory: StoreFactory) -> M3Store:
+        return store_factory(FINGERPRINT, **self.small_batch_options)  # type: ignore[attr-defined]
+
+    def test_a_bare_id_is_that_one_id(self, store_factory: StoreFactory) -> None:
+        store = store_factory(FINGERPRINT)
+        ids: list[DocId] = ["a", "b", "c", "abc", 7, 1, 2, 12]
+        store.add(ids, synthetic_embeddings(len(ids), seed=3), [f"t-{i}" for i in ids])
+        # A string is one id, never its characters; an int is one id.
+        assert [r.id for r in store.get("abc")] == ["abc"]
+        assert [r.id for r in store.get(7)] == [7]
+        assert [r.id for r in store.get(("a", 12))] == ["a", 12]
+        store.delete("abc")
+        assert sorted(map(str, (r.id for r in store.get(["a", "b", "c", "abc"])))) == [
+            "a",
+            "b",
+            "c",
+        ]
+        store.delete(12)
+        assert [r.id for r in store.get([1, 2, 12])] == [1, 2]
+        assert store.count() == len(ids) - 2
+        # A one-document add with a bare id stores that id.
+        store.add("xyz", synthetic_embeddings(1, seed=4), ["one"])
+        assert [(r.id, r.text) for r in store.get(["x", "y", "z", "xyz"])] == [("xyz", "one")]
+        # bytes (and other non-ids) are refused, and nothing is lost.
+        for bad in (b"a", bytearray(b"a"), None, 1.5, {"a": 1}):
+            with pytest.raises(StoreError):
+                store.get(bad)  # type: ignore[arg-type]
+            with pytest.raises(StoreError):
+                store.delete(bad)  # type: ignore[arg-type]
+        with pytest.raises(StoreError):
+            store.add(b"q", synthetic_embeddings(1, seed=4), ["one"])  # type: ignore[arg-type]
+        assert store.count() == len(ids) - 1
+
+    @pytest.mark.parametrize("case", list(BAD_METADATA))
+    def test_metadata_no_store_can_keep_is_refused(
+        self, store_factory: StoreFactory, case: str
+    ) -> None:
+        self._check_refused_last(store_factory, metadata=BAD_METADATA[case])
+
+    @pytest.mark.parametrize("case", list(BAD_SPARSE))
+    def test_sparse_no_store_can_keep_is_refused(
+        self, store_factory: StoreFactory, case: str
+    ) -> None:
+        self._check_refused_last(store_factory, sparse=BAD_SPARSE[case])
+
+    @pytest.mark.parametrize("part", ["dense", "colbert"])
+    @pytest.mark.parametrize("value", [float("nan"), float("inf")])
+    def test_non_finite_vectors_are_refused(
+        self, store_factory: StoreFactory, part: str, value: float
+    ) -> None:
+        self._check_refused_last(store_factory, vector=(part, value))
+
+    def _check_refused_last(
+        self,
+        store_factory: StoreFactory,
+        *,
+        metadata: dict | None = None,
+        sparse: dict | None = None,
+        vector: tuple[str, float] | None = None,
+    ) -> None:
+        """The bad value sits in the last document of a batch written in several requests:
+        the whole batch is refused with a StoreError and the store is as it was."""
+        store = self._small_store(store_factory)
+        ids, embeddings, texts, metadatas = synthetic_corpus(24)
+        store.add(ids[:8], embeddings[:8], texts[:8], metadatas[:8])
+        before = _snapshot(store, ids)
+        state = self.store_state(store)  # type: ignore[attr-defined]
+        metas = [dict(m) for m in metadatas]
+        if metadata is not None:
+            metas[-1] = metadata
+        emb = embeddings[4:]
+        if sparse is not None:
+            emb.sparse[-1] = sparse  # type: ignore[index]
+        if vector is not None:
+            part, value = vector
+            if part == "dense":
+                emb.dense[-1, 0] = value  # type: ignore[index]
+            else:
+                emb.colbert[-1][0, 0] = value  # type: ignore[index]
+        with pytest.raises(StoreError):
+            store.add(ids[4:], emb, texts[4:], metas[4:])
+        assert store.count() == 8
+        assert _snapshot(store, ids) == before
+        assert self.store_state(store) == state  # type: ignore[attr-defined]
+
+    def test_metadata_comes_back_as_json(self, store_factory: StoreFactory) -> None:
+        """Tuples and numpy values are stored as the plain JSON every database gives back."""
+        store = store_factory(FINGERPRINT)
+        reference = InMemoryStore(fingerprint=FINGERPRINT)
+        meta = {"t": (1, 2), "n": np.int64(5), "f": np.float32(0.5), "big": 2**63 - 1}
+        for target in (store, reference):
+            target.add(["m"], synthetic_embeddings(1, seed=8), ["m"], [meta])
+        expected = {"t": [1, 2], "n": 5, "f": 0.5, "big": 2**63 - 1}
+        assert reference.get("m")[0].metadata == expected
+        assert store.get("m")[0].metadata == expected
+
+    def test_failed_add_leaves_the_store_as_it_was(self, store_factory: StoreFactory) -> None:
+        """A database error at any write request of an add (one that replaces some documents
+        and adds others, in several requests) leaves every document as before; once no step
+        fails, the add lands whole."""
+        store = self._small_store(store_factory)
+        ids, embeddings, texts, metadatas = synthetic_corpus(24)
+        store.add(ids[:12], embeddings[:12], texts[:12], metadatas[:12])
+        before = _snapshot(store, ids)
+        state = self.store_state(store)  # type: ignore[attr-defined]
+        replacement = synthetic_embeddings(16, seed=21)
+        new_texts = [f"new {i}" for i in range(16)]
+        new_metas = [{"lang": "xx", "n": i} for i in range(16)]
+        step = 0
+        while True:
+            step += 1
+            assert step < 200, "the add never completed"
+            with self.failing_write(store, step) as made:  # type: ignore[attr-defined]
+                try:
+                    store.add(ids[8:], replacement, new_texts, new_metas)
+                except Exception:
+                    # Only the injected failure may stop this add.
+                    assert made[0] >= step, "the add failed without an injected failure"
+                    failed = True
+                else:
+                    failed = False
+            if not failed:
+                assert made[0] < step, "the injected failure was swallowed"
+                break
+            assert store.count() == 12, f"failure at write {step}"
+            assert _snapshot(store, ids) == before, f"failure at write {step}"
+            assert self.store_state(store) == state, f"failure at write {step}"  # type: ignore[attr-defined]
+        if not self.one_write_call:  # type: ignore[attr-defined]
+            assert step > 2, "the add should need several write requests"
+        assert store.count() == 24
+        got = {r.id: r for r in store.get(ids[8:])}
+        assert [got[i].text for i in ids[8:]] == new_texts
+        assert got[ids[8]].metadata == {"lang": "xx", "n": 0}
+        hits = store.search(replacement[3], mode="colbert", k=1)
+        assert hits[0].id == ids[11]
+
+
+class StoreContract(DataSafetyContract):
     """Subclass it and provide a ``store_factory`` fixture: ``make(fingerprint, **options)``
     returns a new, empty store (options: ``colbert_dtype``, ``max_colbert_vectors``, and
     ``name`` to reopen the same collection with another handle)."""
@@ -200,6 +420,23 @@ class StoreContract:
     score_tol: float = 1e-5
     #: Whether the factory's stores accept ``name=`` to reopen an existing collection.
     can_reopen: bool = True
+    #: Factory options that make the store write a batch in several requests of few documents.
+    small_batch_options: dict[str, Any] = {}
+    #: Whether an add is one write call whatever its size (in-memory; Elasticsearch: one bulk).
+    one_write_call: bool = False
+
+    @contextlib.contextmanager
+    def failing_write(self, store: M3Store, step: int) -> Iterator[list[int]]:
+        """Make the ``step``-th (1-based) write request of ``store`` fail once with the error
+        its database client raises; yields a one-element list that ends up holding the number
+        of write requests made. Subclasses override; the default skips."""
+        pytest.skip("this adapter has no write-failure injection")
+        yield [0]
+
+    def store_state(self, store: M3Store) -> Any:
+        """Everything a client of ``store`` could observe besides documents (e.g. leftover
+        rows of a companion collection); compared before and after a failed add."""
+        return None
 
     @pytest.fixture
     def store_factory(self) -> StoreFactory:  # pragma: no cover - subclasses provide it

@@ -12,6 +12,7 @@ weights. The one place ES's 9-bit ranks remain is the server-side ``rrf`` retrie
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ import uuid
 
 import numpy as np
 import pytest
+from elastic_transport import TransportError
 from es_fake import FakeElasticsearch, quantize_feature
 from store_contract import (
     COLBERT_DIM,
@@ -80,6 +82,39 @@ def searches(cluster: FakeElasticsearch) -> list[dict]:
 
 class TestElasticsearchBasicContract(StoreContract):
     """Basic licence (Elasticsearch 9.2): legs in the server, fusion and ColBERT in the client."""
+
+    small_batch_options = {"chunk_size": 3}
+    one_write_call = True
+
+    @contextlib.contextmanager
+    def failing_write(self, store, step):
+        """The ``step``-th bulk or delete-by-query fails part way: a bulk writes the first half
+        of its items and the node refuses the rest (a bulk is not atomic)."""
+        made = [0]
+        original = store._call
+
+        def call(request):
+            api, kwargs = request
+            if api in ("bulk", "delete_by_query"):
+                made[0] += 1
+                if made[0] == step and api == "bulk":
+                    actions = list(kwargs["actions"])
+                    half = len(actions) // 2
+                    done = original(("bulk", {"actions": actions[:half]}))
+                    refused = {"type": "es_rejected_execution_exception", "reason": "injected"}
+                    return done + [
+                        (False, {a["_op_type"]: {"_id": a["_id"], "status": 500, "error": refused}})
+                        for a in actions[half:]
+                    ]
+                if made[0] == step:
+                    raise TransportError("injected")
+            return original(request)
+
+        store._call = call
+        try:
+            yield made
+        finally:
+            del store._call
 
     score_tol = SCORE_TOL
     licence = "basic"
@@ -420,7 +455,9 @@ def test_refused_documents_are_named_with_the_reason(make_cluster):
     assert "mapper_parsing_exception" in caught.value.failed["c"]
     assert "metadata.year" in str(caught.value) and "metadata.flag" in str(caught.value)
     assert "2 of 4" in str(caught.value)
-    assert store.count() == 3 and [r.id for r in store.get(["b", "c", 7, "d"])] == ["b", "d"]
+    # The add is undone as a whole (issue 15): the documents the node took are removed again.
+    assert store.count() == 1 and store.get(["b", "c", 7, "d"]) == []
+    assert "none of it is kept" in str(caught.value)
 
 
 def test_non_unit_dense_vectors_are_refused_before_writing(make_cluster):

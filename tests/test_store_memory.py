@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 from store_contract import (
@@ -22,6 +24,25 @@ from m3connect.stores.memory import InMemoryStore
 
 class TestInMemoryContract(StoreContract):
     can_reopen = False
+    one_write_call = True
+
+    @contextlib.contextmanager
+    def failing_write(self, store, step):
+        made = [0]
+        original = store._docs
+
+        class FailingDocs(dict):
+            def update(self, *args, **kwargs):
+                made[0] += 1
+                if made[0] == step:
+                    raise MemoryError("injected")
+                super().update(*args, **kwargs)
+
+        store._docs = FailingDocs(original)
+        try:
+            yield made
+        finally:
+            store._docs = dict(store._docs)
 
     @pytest.fixture
     def store_factory(self):

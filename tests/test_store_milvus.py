@@ -20,6 +20,7 @@ from store_contract import (
     FINGERPRINT,
     StoreContract,
     assert_same_hits,
+    failing_calls,
     synthetic_corpus,
     synthetic_embeddings,
     synthetic_queries,
@@ -29,6 +30,7 @@ pymilvus = pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
 from pymilvus import DataType, MilvusClient  # noqa: E402
+from pymilvus.exceptions import MilvusException  # noqa: E402
 
 from m3connect.filters import Field, RawFilter, matches, parse_filter  # noqa: E402
 from m3connect.fingerprint import FingerprintMismatchError  # noqa: E402
@@ -83,8 +85,30 @@ def make_store(client, prefix):
     return make
 
 
+MILVUS_WRITES = {
+    "insert",
+    "upsert",
+    "delete",
+    "alter_collection_properties",
+    "drop_collection_properties",
+}
+
+
 class TestMilvusContract(StoreContract):
     score_tol = 1e-5
+    small_batch_options = {"batch_size": 3}
+
+    def failing_write(self, store, step):
+        return failing_calls(
+            store, "client", MILVUS_WRITES, step, lambda: MilvusException(message="injected")
+        )
+
+    def store_state(self, store):
+        """Token rows of the companion collection: a failed add must leave none behind."""
+        if store.layout != "companion":
+            return None
+        rows = store.client.query(store.companion, filter="pos >= 0", output_fields=["count(*)"])
+        return rows[0]["count(*)"]
 
     @pytest.fixture
     def store_factory(self, make_store):
@@ -763,3 +787,17 @@ def test_live_server_contract_sample():
             if client.has_collection(collection):
                 client.drop_collection(collection)
         client.close()
+
+
+def test_the_issue_15_batch_is_refused_before_any_write(make_store, client):
+    """300 documents whose last metadata holds 2**70 (valid JSON, beyond every database's
+    ints): refused before the first write, no document and no token row left behind."""
+    store = make_store(name="int70")
+    ids = [f"d{i}" for i in range(300)]
+    metadatas = [{"n": i} for i in range(299)] + [{"n": 2**70}]
+    with pytest.raises(StoreError, match="64 bits"):
+        store.add(ids, synthetic_embeddings(300, seed=70), metadatas=metadatas)
+    assert store.count() == 0
+    if client.has_collection(store.companion):
+        rows = client.query(store.companion, filter="pos >= 0", output_fields=["count(*)"])
+        assert rows[0]["count(*)"] == 0

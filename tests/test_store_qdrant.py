@@ -20,6 +20,7 @@ from store_contract import (
     OTHER_FINGERPRINT,
     SEARCH_CASES,
     StoreContract,
+    failing_calls,
     synthetic_corpus,
     synthetic_embeddings,
     synthetic_queries,
@@ -64,6 +65,13 @@ class TestQdrantContract(StoreContract):
     collection). In-memory for speed; ``test_local_mode_persists_and_reopens`` covers
     ``path=`` (a local path opens once per process: keep one client per path)."""
 
+    small_batch_options = {"batch_size": 3}
+
+    def failing_write(self, store, step):
+        return failing_calls(
+            store, "client", {"upsert", "delete"}, step, lambda: RuntimeError("injected")
+        )
+
     @pytest.fixture
     def store_factory(self):
         client = QdrantClient(":memory:")
@@ -80,6 +88,11 @@ class TestQdrantContract(StoreContract):
 @needs_edge
 class TestQdrantEdgeContract(StoreContract):
     """The real engine, in-process; float16 ColBERT storage is really half precision here."""
+
+    small_batch_options = {"batch_size": 3}
+
+    def failing_write(self, store, step):
+        return failing_calls(store, "shard", {"update"}, step, lambda: RuntimeError("injected"))
 
     @pytest.fixture
     def store_factory(self, tmp_path):
@@ -151,6 +164,13 @@ class _SyncFacade(M3Store):
 
 
 class TestAsyncQdrantContract(StoreContract):
+    small_batch_options = {"batch_size": 3}
+
+    def failing_write(self, store, step):
+        return failing_calls(
+            store.store, "client", {"upsert", "delete"}, step, lambda: RuntimeError("injected")
+        )
+
     @pytest.fixture
     def store_factory(self):
         loop = asyncio.new_event_loop()
@@ -456,7 +476,7 @@ def test_bad_input_writes_nothing_even_across_write_batches(client):
     not_json = [None, None, None, None, {"when": object()}]
     with pytest.raises(StoreError, match="JSON"):
         store.add([f"n{i}" for i in range(5)], good, metadatas=not_json)
-    with pytest.raises(StoreError, match="JSON"):
+    with pytest.raises(StoreError, match="finite"):
         store.add([f"n{i}" for i in range(5)], good, metadatas=[None] * 4 + [{"x": float("nan")}])
     big_token = M3Output(good.dense, good.sparse[:4] + [{2**40: 0.5}], good.colbert)
     with pytest.raises(StoreError, match="token ids"):

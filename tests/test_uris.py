@@ -17,6 +17,7 @@ from m3connect.uris import (
     UriError,
     open_store,
     parse_store_uri,
+    redact_uri,
 )
 
 SECRET = "s3cr3t-value-never-logged"
@@ -210,3 +211,95 @@ def test_milvus_file_written_by_another_process(tmp_path) -> None:
         assert handle.store.count() == 2
         query = handle.store.get(["a"], with_vectors=True)[0].embedding
         assert handle.store.search(query, mode="dense", k=1)[0].id == "a"
+
+
+# --- redaction (issue 15) -----------------------------------------------------------------------
+
+URL_SPECIAL = "/?#@:%&=;+ []!$'()*,\"\\<>^`{|}~"
+SECRET_HEAD, SECRET_TAIL = "Hq7Zw", "Vk9Rm"
+
+
+def _secret(char: str) -> str:
+    return f"{SECRET_HEAD}{char}{SECRET_TAIL}"
+
+
+def _assert_hidden(text: str) -> None:
+    assert SECRET_HEAD not in text and SECRET_TAIL not in text, text
+
+
+@pytest.mark.parametrize("char", list(URL_SPECIAL) + ["%2F", "%40", "@@", "//"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "es+http://user:{}@host:9200/idx",
+        "es+https://elastic:{}@host/idx?max_colbert_vectors=4",
+        "qdrant+http://user:{}@host:6333/c#c",
+        "milvus+https://root:{}@host:19530/db/c",
+        "http://user:{}@host:9200/idx",  # an unknown scheme is echoed too
+        "es+http://:{}@host/idx",
+    ],
+)
+def test_a_password_never_shows_whatever_its_characters(template: str, char: str) -> None:
+    raw = template.format(_secret(char))
+    with pytest.raises(UriError) as info:
+        parse_store_uri(raw)
+    _assert_hidden(str(info.value))
+    _assert_hidden(redact_uri(raw))
+    if not char.isspace():
+        _assert_hidden(redact_uri(f"could not open {raw} (retrying)", in_text=True))
+
+
+@pytest.mark.parametrize(
+    "key", ["api_key", "apikey", "token", "password", "secret", "access_token", "api%5Fkey", "x"]
+)
+@pytest.mark.parametrize("char", ["", "/", "?", ":", "%", "@", ";"])
+def test_credential_like_options_never_show(key: str, char: str) -> None:
+    for raw in (
+        f"es+http://host:9200/idx?{key}={_secret(char)}",
+        f"qdrant+https://host/c?max_colbert_vectors=8&{key}={_secret(char)}",
+        f"qdrant:./local?{key}={_secret(char)}#c",
+        f"memory:?{key}={_secret(char)}",
+    ):
+        with pytest.raises(UriError) as info:
+            parse_store_uri(raw)
+        _assert_hidden(str(info.value))
+        _assert_hidden(redact_uri(raw))
+        if char != "@":  # in free text an "@" in a value reads as userinfo: the rest shows
+            _assert_hidden(redact_uri(f"opening {raw} failed", in_text=True))
+
+
+def test_redaction_keeps_what_is_not_secret() -> None:
+    shown = redact_uri("es+http://host:9200/idx?max_colbert_vectors=8&colbert_dtype=float16#x")
+    assert shown == "es+http://host:9200/idx?max_colbert_vectors=8&colbert_dtype=float16#x"
+    assert redact_uri("qdrant:./data/m3.qdrant#docs") == "qdrant:./data/m3.qdrant#docs"
+    assert redact_uri("es+http://u:p@h/i") == "es+http://***"
+    assert redact_uri("see es+http://u:p@h/i now", in_text=True) == "see es+http://***@h/i now"
+
+
+def test_a_store_uri_built_by_hand_is_redacted_too() -> None:
+    uri = StoreURI("elasticsearch", f"http://user:{_secret('/')}@h:9200", "idx", True)
+    _assert_hidden(str(uri))
+    _assert_hidden(repr(uri))
+    _assert_hidden(f"{uri}")
+
+
+def test_the_cli_never_echoes_a_password(caplog) -> None:
+    from click.testing import CliRunner
+
+    from m3connect.cli import main
+
+    caplog.set_level(logging.DEBUG)
+    raw = f"es+http://elastic:{_secret('#')}@localhost:9200/docs"
+    result = CliRunner().invoke(main, ["search", raw, "a question"])
+    assert result.exit_code != 0
+    _assert_hidden(result.output)
+    _assert_hidden(caplog.text)
+    assert "environment" in result.output
+
+
+def test_a_local_path_with_an_at_sign_round_trips() -> None:
+    """str() of a parsed URI is what workers reopen: only remote URIs are ever redacted (and a
+    parsed remote URI holds no "@")."""
+    uri = parse_store_uri("qdrant:./data@v2/m3.qdrant#docs")
+    assert parse_store_uri(str(uri)) == uri
+    assert str(uri) == "qdrant:./data@v2/m3.qdrant#docs"

@@ -80,6 +80,8 @@ from m3connect.store import (
     SearchParams,
     StoreError,
     check_delete_target,
+    id_list,
+    write_or_roll_back,
 )
 from m3connect.types import DocId, M3Embedding
 
@@ -125,7 +127,7 @@ _Gen = Generator[_Call, Any, Any]
 
 class BulkWriteError(StoreError):
     """Elasticsearch refused some documents of a write. ``failed`` maps each refused id to the
-    reason; the other documents of the batch were written."""
+    reason; the add is undone (the other documents of the batch are not kept)."""
 
     def __init__(self, message: str, failed: Mapping[DocId, str]) -> None:
         super().__init__(message)
@@ -774,6 +776,16 @@ class _ElasticsearchLogic:
                         f"id {doc_id!r} has {len(matrix)} ColBERT vectors; rank_vectors keeps at most "
                         f"{RANK_VECTORS_MAX_ROWS}: set max_colbert_vectors (nothing was written)"
                     )
+        # A bulk request applies item by item: an add that fails part way is undone.
+        yield from write_or_roll_back(
+            batch,
+            self._g_write,
+            lambda ids: self._g_get(ids, True),
+            lambda ids: self._g_delete(ids, None),
+            atomic=False,
+        )
+
+    def _g_write(self, batch: PreparedBatch) -> _Gen:
         by_key: dict[str, DocId] = {}
         actions = []
         for i, doc_id in enumerate(batch.ids):
@@ -835,12 +847,14 @@ class _ElasticsearchLogic:
             more = f"; and {len(failed) - 10} more" if len(failed) > 10 else ""
             raise BulkWriteError(
                 f"Elasticsearch refused to {what} {len(failed)} of {len(by_key)} documents "
-                f"(the others were {what == 'write' and 'written' or 'deleted'}): {listed}{more}",
+                f"({'the add is undone: none of it is kept' if what == 'write' else 'the others were deleted'}): "
+                f"{listed}{more}",
                 failed,
             )
 
     def _g_delete(self, ids: Sequence[DocId] | None, spec: FilterLike) -> _Gen:
         check_delete_target(ids, spec)
+        ids = None if ids is None else id_list(ids)
         node = self._parse(spec) if spec is not None else None
         if not (yield from self._g_open()):
             return
@@ -904,6 +918,7 @@ class _ElasticsearchLogic:
         return ids
 
     def _g_get(self, ids: Sequence[DocId], with_vectors: bool) -> _Gen:
+        ids = id_list(ids)
         if not (yield from self._g_open()):
             return []
         fields = ["uid", "text", "metadata"]

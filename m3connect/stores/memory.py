@@ -24,6 +24,7 @@ from m3connect.store import (
     StoreError,
     check_delete_target,
     check_id,
+    id_list,
 )
 from m3connect.types import DocId, M3Embedding, M3Output
 
@@ -58,19 +59,23 @@ class InMemoryStore(M3Store):
         metadatas: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> None:
         batch = self.prepare_batch(ids, embeddings, texts, metadatas)
-        for i, doc_id in enumerate(batch.ids):
-            self._docs[doc_id] = _Doc(
+        # Every document is built before the first is stored: one update, whole or nothing.
+        new = {
+            doc_id: _Doc(
                 dense=batch.embeddings.dense[i].copy(),  # type: ignore[index]
                 sparse=dict(batch.embeddings.sparse[i]),  # type: ignore[index]
                 colbert=batch.embeddings.colbert[i].copy(),  # type: ignore[index]
                 text=batch.texts[i],
                 metadata=copy.deepcopy(batch.metadatas[i]),
             )
+            for i, doc_id in enumerate(batch.ids)
+        }
+        self._docs.update(new)
         self._dense_cache = None
 
     def get(self, ids: Sequence[DocId], *, with_vectors: bool = False) -> list[Record]:
         records = []
-        for doc_id in ids:
+        for doc_id in id_list(ids):
             doc = self._docs.get(check_id(doc_id))
             if doc is None:
                 continue
@@ -87,7 +92,7 @@ class InMemoryStore(M3Store):
         node = self._filter(filter) if filter is not None else None
         doomed = set()
         if ids is not None:
-            doomed.update(i for i in ids if i in self._docs)
+            doomed.update(i for i in id_list(ids) if i in self._docs)
         if filter is not None:
             doomed.update(i for i, d in self._docs.items() if matches(node, d.metadata))
         for doc_id in doomed:

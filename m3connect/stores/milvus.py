@@ -21,7 +21,11 @@ never has to care; ``multivector=`` forces one):
   row per token vector (``doc`` = the document's pk, ``gen``, ``pos``, ``vec``). The document row
   keeps ``colbert_gen`` and ``colbert_len``; token rows of another generation are stale and
   ignored, so an upsert (new tokens first, then the document row, then stale tokens removed) is
-  never seen half done. ``mode="colbert"`` is exact: token-level searches give each document an
+  never seen half done. A property ``m3connect.pending.<gen>`` marks an add in flight: a
+  process killed mid-add leaves it, and the next attach deletes that generation's orphaned
+  token rows (and the older rows of documents that did switch), and creates any index a
+  creation cut short left missing. An add that fails with a database error is undone
+  (:func:`m3connect.store.write_or_roll_back`). ``mode="colbert"`` is exact: token-level searches give each document an
   upper bound, candidates are re-scored exactly with :func:`m3connect.scoring.colbert_scores`,
   and the token limit grows until the bounds prove that no other document can enter the top
   (a threshold algorithm). ``colbert_exact=False`` stops after the first round instead.
@@ -100,6 +104,8 @@ from m3connect.store import (
     StoreBase,
     StoreError,
     check_delete_target,
+    id_list,
+    write_or_roll_back,
 )
 from m3connect.types import DocId, M3Embedding, M3Output
 
@@ -139,6 +145,10 @@ PROP_FINGERPRINT = "m3connect.fingerprint"
 PROP_LAYOUT = "m3connect.layout"
 PROP_SCHEMA = "m3connect.schema_version"
 PROP_LIST_LENGTHS = "m3connect.numeric_list_lengths"
+#: A property ``m3connect.pending.<gen>`` marks a companion-token generation whose add has not
+#: finished: set before its first token row is written, dropped once the add is complete. A
+#: process killed in between leaves it, and the next attach repairs that generation.
+PROP_PENDING_PREFIX = "m3connect.pending."
 SCHEMA_VERSION = "1"
 
 VARCHAR_MAX = 65535  # bytes on servers (Milvus Lite counts characters: bytes bound both)
@@ -398,7 +408,7 @@ def _drive_sync(client: Any, steps: Steps) -> Any:
         while True:
             try:
                 result = getattr(client, call.method)(**call.kwargs)
-            except MilvusException as exc:
+            except Exception as exc:  # the operation decides (the write protocol undoes)
                 call = steps.throw(exc)
             else:
                 call = steps.send(result)
@@ -412,7 +422,7 @@ async def _drive_async(client: Any, steps: Steps) -> Any:
         while True:
             try:
                 result = await getattr(client, call.method)(**call.kwargs)
-            except MilvusException as exc:
+            except Exception as exc:  # the operation decides (the write protocol undoes)
                 call = steps.throw(exc)
             else:
                 call = steps.send(result)
@@ -557,12 +567,88 @@ class _MilvusCore(StoreBase):
             companion = yield Call("describe_collection", {"collection_name": self.companion})
             self._check_fields(self.companion, companion, self._expected_companion_fields(stored))
         self._list_lengths = json.loads(properties.get(PROP_LIST_LENGTHS) or "{}")
+        if layout == "companion":
+            # A process killed while creating the collections leaves them without indexes (a
+            # server >= 2.6.4, the struct layout, creates a collection with its indexes).
+            yield from self._create_missing_indexes(self.collection, self.main_index_params())
+            yield from self._create_missing_indexes(self.companion, self.companion_index_params())
         # A collection opened by a new process (a Milvus Lite file included) starts released:
         # every read would fail until it is loaded.
         yield Call("load_collection", {"collection_name": self.collection})
         if layout == "companion":
             yield Call("load_collection", {"collection_name": self.companion})
         self._exists = True
+        pending = sorted(k for k in properties if k.startswith(PROP_PENDING_PREFIX))
+        for key in pending:
+            yield from self._repair_generation(key[len(PROP_PENDING_PREFIX) :])
+
+    def _create_missing_indexes(self, name: str, index_params: Any) -> Steps:
+        """Create the indexes of ``name`` that do not exist (a creation cut short)."""
+        if self.is_lite and self._is_async:
+            return  # the async store never creates Lite indexes (see _create_collection)
+        have = set((yield Call("list_indexes", {"collection_name": name})) or ())
+        missing = [i for i in index_params if (i.index_name or i.field_name) not in have]
+        if not missing:
+            return
+        logger.warning(
+            "Milvus collection %r lacks the index of %s (a creation cut short): creating it",
+            name,
+            ", ".join(index.field_name for index in missing),
+        )
+        params = MilvusClient.prepare_index_params()
+        params.extend(missing)
+        kwargs: dict[str, Any] = {"collection_name": name, "index_params": params}
+        if self.is_lite:
+            kwargs["sync"] = False
+        yield Call("create_index", kwargs)
+
+    def _repair_generation(self, gen: str) -> Steps:
+        """Finish the cleanup of an add that was cut short (see ``PROP_PENDING_PREFIX``):
+        documents that switched to ``gen`` lose their older token rows; token rows of ``gen``
+        whose document never switched to it are deleted; then the marker goes."""
+        if not re.fullmatch(r"[0-9a-f]{32}", gen):
+            raise StoreError(
+                f"collection {self.collection!r} has a malformed pending marker {gen!r}"
+            )
+        window = MILVUS_TOPK_MAX
+        while True:
+            switched = yield from self._matching_pks(f"{COLBERT_GEN} == {quote(gen)}", window)
+            rows = yield from self._query(
+                self.companion,
+                f"{TOKEN_GEN} == {quote(gen)} and {TOKEN_POS} == 0",
+                [TOKEN_DOC],
+                window,
+            )
+            orphaned = sorted({row[TOKEN_DOC] for row in rows} - set(switched))
+            for chunk in _chunks(switched, PK_LIST_CHUNK):
+                yield Call(
+                    "delete",
+                    {
+                        "collection_name": self.companion,
+                        "filter": f"{TOKEN_DOC} in {_pk_list(chunk)} and {TOKEN_GEN} != {quote(gen)}",
+                    },
+                )
+            for chunk in _chunks(orphaned, PK_LIST_CHUNK):
+                yield Call(
+                    "delete",
+                    {
+                        "collection_name": self.companion,
+                        "filter": f"{TOKEN_DOC} in {_pk_list(chunk)} and {TOKEN_GEN} == {quote(gen)}",
+                    },
+                )
+            if len(rows) < window or not orphaned:
+                break
+        logger.warning(
+            "Milvus collection %r: repaired the token rows of an add that was cut short "
+            "(%d documents kept it, %d orphaned token sets deleted)",
+            self.collection,
+            len(switched),
+            len(orphaned),
+        )
+        yield Call(
+            "drop_collection_properties",
+            {"collection_name": self.collection, "property_keys": [PROP_PENDING_PREFIX + gen]},
+        )
 
     def _expected_main_fields(self, fp: ModelFingerprint) -> dict[str, tuple[Any, int | None]]:
         fields: dict[str, tuple[Any, int | None]] = {
@@ -709,9 +795,18 @@ class _MilvusCore(StoreBase):
                 yield from self._create_collection(
                     self.companion, self.companion_schema(fp), self.companion_index_params(), None
                 )
-            else:  # left by an earlier attempt: it must fit
+            else:  # left by an earlier attempt: it must fit, and may lack its index
                 companion = yield Call("describe_collection", {"collection_name": self.companion})
                 self._check_fields(self.companion, companion, self._expected_companion_fields(fp))
+                yield from self._create_missing_indexes(
+                    self.companion, self.companion_index_params()
+                )
+                if not self._is_async:
+                    yield Call("load_collection", {"collection_name": self.companion})
+                # Token rows of an add killed before the document collection existed.
+                yield Call(
+                    "delete", {"collection_name": self.companion, "filter": f"{TOKEN_POS} >= 0"}
+                )
         yield from self._create_collection(
             self.collection, self.main_schema(fp), self.main_index_params(), self._properties(fp)
         )
@@ -874,9 +969,38 @@ class _MilvusCore(StoreBase):
         if not batch.ids:
             return
         gen = uuid.uuid4().hex
-        rows, tokens, lengths = self._rows(batch, gen)  # every check before the first write
+        rows = self._rows(batch, gen)  # every check before the first write
         if not self._exists:
             yield from self._create()
+
+        def write(b: PreparedBatch) -> Steps:
+            if b is batch:
+                yield from self._write(*rows, gen)
+            else:  # the documents a failed add replaced, written back
+                again = uuid.uuid4().hex
+                yield from self._write(*self._rows(b, again), again)
+
+        def read(doc_ids: list[DocId]) -> Steps:
+            return (yield from self._get(doc_ids, True))
+
+        def remove(doc_ids: list[DocId]) -> Steps:
+            yield from self._delete(doc_ids, None)
+
+        one_request = len(list(self._row_batches(rows[0], self.fingerprint.dense_dim))) == 1  # type: ignore[union-attr]
+        yield from write_or_roll_back(
+            batch, write, read, remove, atomic=self.layout == "struct" and one_request
+        )
+
+    def _write(
+        self,
+        rows: list[dict[str, Any]],
+        tokens: list[dict[str, Any]],
+        lengths: dict[str, int],
+        gen: str,
+    ) -> Steps:
+        """Write validated rows: companion tokens first (a new generation nobody reads yet, its
+        pending marker set before), then the document rows switch to it, then the replaced
+        documents' old generations go and the marker with them."""
         grown = {k: n for k, n in lengths.items() if n > self._list_lengths.get(k, 1)}
         if grown:
             # Filters must know the longest numeric list before any row holds one.
@@ -905,18 +1029,32 @@ class _MilvusCore(StoreBase):
                 replaced += [row[PK] for row in found]
             # New tokens first (a new generation nobody reads yet), then the documents switch to
             # it, then the old generation goes: a reader never sees a document half written.
-            per_request = max(1, REQUEST_BYTES // (4 * dim + 64))
+            # The marker lets the next attach finish the cleanup of a killed add.
+            yield Call(
+                "alter_collection_properties",
+                {
+                    "collection_name": self.collection,
+                    "properties": {PROP_PENDING_PREFIX + gen: "1"},
+                },
+            )
+            # Token rows in requests sized by bytes (a vector and its row's keys), not by count.
+            per_request = max(1, REQUEST_BYTES // (4 * dim + 64 + 2 * len(gen)))
             for chunk in _chunks(tokens, per_request):
                 yield Call("insert", {"collection_name": self.companion, "data": list(chunk)})
         for chunk in self._row_batches(rows, self.fingerprint.dense_dim):  # type: ignore[union-attr]
             yield Call("upsert", {"collection_name": self.collection, "data": chunk})
-        for chunk in _chunks(replaced, PK_LIST_CHUNK):
+        if self.layout == "companion":
+            for chunk in _chunks(replaced, PK_LIST_CHUNK):
+                yield Call(
+                    "delete",
+                    {
+                        "collection_name": self.companion,
+                        "filter": f"{TOKEN_DOC} in {_pk_list(chunk)} and {TOKEN_GEN} != {quote(gen)}",
+                    },
+                )
             yield Call(
-                "delete",
-                {
-                    "collection_name": self.companion,
-                    "filter": f"{TOKEN_DOC} in {_pk_list(chunk)} and {TOKEN_GEN} != {quote(gen)}",
-                },
+                "drop_collection_properties",
+                {"collection_name": self.collection, "property_keys": [PROP_PENDING_PREFIX + gen]},
             )
 
     def _refresh_list_lengths(self) -> Steps:
@@ -970,6 +1108,7 @@ class _MilvusCore(StoreBase):
 
     def _delete(self, ids: Sequence[DocId] | None, spec: FilterLike) -> Steps:
         check_delete_target(ids, spec)
+        ids = None if ids is None else id_list(ids)
         pks = list(
             dict.fromkeys(
                 encode_pk(i)
@@ -1139,6 +1278,7 @@ class _MilvusCore(StoreBase):
         return emb
 
     def _get(self, ids: Sequence[DocId], with_vectors: bool) -> Steps:
+        ids = id_list(ids)
         if not self._exists:
             return []
         valid = [i for i in ids if isinstance(i, (str, int)) and not isinstance(i, bool)]

@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -97,7 +97,13 @@ from m3connect.store import (
     SearchParams,
     StoreBase,
     StoreError,
+    awaited,
     check_delete_target,
+    direct,
+    id_list,
+    run_awaiting,
+    run_direct,
+    write_or_roll_back,
 )
 from m3connect.types import DocId, M3Embedding, M3Output
 
@@ -402,23 +408,15 @@ class _QdrantBase(StoreBase):
         }
 
     def _prepare(self, ids, embeddings, texts, metadatas) -> PreparedBatch:  # type: ignore[no-untyped-def]
-        """Validate everything the database could refuse, before anything is written."""
-        batch = self.prepare_batch(ids, embeddings, texts, metadatas)
-        for doc_id, meta, weights in zip(
-            batch.ids, batch.metadatas, batch.embeddings.sparse or [], strict=False
-        ):
-            try:
-                json.dumps(meta, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise StoreError(
-                    f"metadata of id {doc_id!r} cannot be stored as JSON: {exc}"
-                ) from None
-            bad = [t for t in weights if not 0 <= t <= _MAX_TOKEN_ID]
-            if bad:
-                raise StoreError(
-                    f"sparse token ids of id {doc_id!r} must be in [0, 2^32), got {bad[:3]}"
-                )
-        return batch
+        """Validate everything the database could refuse, before anything is written: the
+        core's validation (JSON metadata, 64-bit ints, token ids in [0, 2^32)) covers Qdrant."""
+        return self.prepare_batch(ids, embeddings, texts, metadatas)
+
+    def _one_request(self, batch: PreparedBatch) -> bool:
+        """Whether ``batch`` is written in one request (applied whole or not at all)."""
+        chunks = self._chunks(batch)
+        next(chunks, None)
+        return next(chunks, None) is None
 
     def _chunks(self, batch: PreparedBatch) -> Iterator[list[int]]:
         """Row indices of each write request: at most ``batch_size`` points and about
@@ -1326,10 +1324,23 @@ class QdrantStore(_ClientStoreBase, M3Store):
         if not self._ready:
             self._fingerprint_known = True  # learned from this batch
             self._attach()
+        run_direct(
+            write_or_roll_back(
+                batch,
+                self._write_points,
+                direct(lambda ids: self.get(ids, with_vectors=True)),
+                direct(self.delete),
+                atomic=self._one_request(batch),
+            )
+        )
+
+    def _write_points(self, batch: PreparedBatch) -> Generator[Any, Any, None]:
+        yield from ()
         for rows in self._chunks(batch):
             self.client.upsert(self.collection, self._points(batch, rows), wait=True)
 
     def get(self, ids: Sequence[DocId], *, with_vectors: bool = False) -> list[Record]:
+        ids = id_list(ids)
         point_ids = self._point_ids(ids)
         if not point_ids or not self._ensure():
             return []
@@ -1345,6 +1356,7 @@ class QdrantStore(_ClientStoreBase, M3Store):
         from qdrant_client import models
 
         check_delete_target(ids, filter)
+        ids = None if ids is None else id_list(ids)
         if not self._ensure():
             return
         if ids is not None:
@@ -1507,10 +1519,22 @@ class AsyncQdrantStore(_ClientStoreBase, AsyncM3Store):
         if not self._ready:
             self._fingerprint_known = True
             await self._ensure()
+        await run_awaiting(
+            write_or_roll_back(
+                batch,
+                self._write_points,
+                awaited(lambda ids: self.get(ids, with_vectors=True)),
+                awaited(self.delete),
+                atomic=self._one_request(batch),
+            )
+        )
+
+    def _write_points(self, batch: PreparedBatch) -> Generator[Any, Any, None]:
         for rows in self._chunks(batch):
-            await self.client.upsert(self.collection, self._points(batch, rows), wait=True)
+            yield self.client.upsert(self.collection, self._points(batch, rows), wait=True)
 
     async def get(self, ids: Sequence[DocId], *, with_vectors: bool = False) -> list[Record]:
+        ids = id_list(ids)
         point_ids = self._point_ids(ids)
         if not point_ids or not await self._ensure():
             return []
@@ -1528,6 +1552,7 @@ class AsyncQdrantStore(_ClientStoreBase, AsyncM3Store):
         from qdrant_client import models
 
         check_delete_target(ids, filter)
+        ids = None if ids is None else id_list(ids)
         if not await self._ensure():
             return
         if ids is not None:
@@ -1686,11 +1711,24 @@ class QdrantEdgeStore(_QdrantBase, M3Store):
         if not self._ready:
             self._fingerprint_known = True
             self._attach()
+        run_direct(
+            write_or_roll_back(
+                batch,
+                self._write_points,
+                direct(lambda ids: self.get(ids, with_vectors=True)),
+                direct(self.delete),
+                atomic=self._one_request(batch),
+            )
+        )
+
+    def _write_points(self, batch: PreparedBatch) -> Generator[Any, Any, None]:
+        yield from ()
         upsert = self._dialect.e.UpdateOperation.upsert_points
         for rows in self._chunks(batch):
             self.shard.update(upsert(self._points(batch, rows)))
 
     def get(self, ids: Sequence[DocId], *, with_vectors: bool = False) -> list[Record]:
+        ids = id_list(ids)
         point_ids = self._point_ids(ids)
         if not point_ids or not self._ensure():
             return []
@@ -1703,6 +1741,7 @@ class QdrantEdgeStore(_QdrantBase, M3Store):
 
     def delete(self, ids: Sequence[DocId] | None = None, *, filter: FilterLike = None) -> None:
         check_delete_target(ids, filter)
+        ids = None if ids is None else id_list(ids)
         if not self._ensure():
             return
         ops = self._dialect.e.UpdateOperation

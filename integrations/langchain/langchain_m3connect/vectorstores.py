@@ -55,7 +55,14 @@ from langchain_core.vectorstores import VectorStore
 from langchain_core.vectorstores.utils import maximal_marginal_relevance
 
 from langchain_m3connect.embeddings import M3Embeddings
-from m3connect.store import AsyncM3Store, AsyncStoreAdapter, Hit, M3Store, SearchParams
+from m3connect.store import (
+    AsyncM3Store,
+    AsyncStoreAdapter,
+    Hit,
+    M3Store,
+    SearchParams,
+    id_list,
+)
 from m3connect.stores.memory import InMemoryStore
 from m3connect.types import DocId, M3Embedding, M3Output
 
@@ -201,7 +208,7 @@ class M3VectorStore(VectorStore):
         if ids is None and filter_ is None:
             self.store.clear()
         else:
-            self.store.delete(ids, filter=filter_)
+            self.store.delete(None if ids is None else id_list(ids), filter=filter_)
         return True
 
     async def adelete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
@@ -209,15 +216,15 @@ class M3VectorStore(VectorStore):
         if ids is None and filter_ is None:
             await self.async_store.clear()
         else:
-            await self.async_store.delete(ids, filter=filter_)
+            await self.async_store.delete(None if ids is None else id_list(ids), filter=filter_)
         return True
 
     def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
         """The stored documents among ``ids`` (unknown ids are skipped)."""
-        return [_record_document(r.id, r.text, r.metadata) for r in self.store.get(list(ids))]
+        return [_record_document(r.id, r.text, r.metadata) for r in self.store.get(id_list(ids))]
 
     async def aget_by_ids(self, ids: Sequence[str], /) -> list[Document]:
-        records = await self.async_store.get(list(ids))
+        records = await self.async_store.get(id_list(ids))
         return [_record_document(r.id, r.text, r.metadata) for r in records]
 
     # --- searching ------------------------------------------------------------------------
@@ -457,6 +464,7 @@ class M3VectorStore(VectorStore):
         if ids is None:
             doc_ids: list[DocId] = [str(uuid.uuid4()) for _ in texts]
         else:
+            ids = id_list(ids)  # a bare string is one id, not its characters
             if len(ids) != len(texts):
                 raise ValueError(f"{len(texts)} texts but {len(ids)} ids")
             doc_ids = [str(uuid.uuid4()) if i is None else i for i in ids]

@@ -267,3 +267,16 @@ def test_score_threshold_on_the_default_hybrid_search(
 def test_sparse_search_may_return_fewer_than_k(filled_vs: M3VectorStore) -> None:
     docs = filled_vs.similarity_search("北京", k=8, mode="sparse")
     assert len(docs) < 8
+
+
+def test_a_bare_id_is_one_id(store: InMemoryStore, embeddings: M3Embeddings) -> None:
+    """Issue 15: ``delete("abc")`` deletes ``abc``, never ``a``, ``b`` and ``c``."""
+    vectorstore = M3VectorStore(store, embeddings)
+    vectorstore.add_texts(TEXTS[:4], ids=["a", "b", "c", "abc"])
+    assert [d.id for d in vectorstore.get_by_ids("abc")] == ["abc"]  # type: ignore[arg-type]
+    vectorstore.delete("abc")  # type: ignore[arg-type]
+    assert sorted(d.id for d in vectorstore.get_by_ids(["a", "b", "c", "abc"])) == ["a", "b", "c"]
+    assert vectorstore.add_texts(TEXTS[4:5], ids="xyz") == ["xyz"]  # type: ignore[arg-type]
+    with pytest.raises(StoreError):
+        vectorstore.delete(b"a")  # type: ignore[arg-type]
+    assert store.count() == 4

@@ -479,3 +479,17 @@ def test_get_nodes_and_clear_use_the_store_operations(
     }
     vector_store.clear()
     assert store.count() == 0 and vector_store.get_nodes() == []
+
+
+def test_a_bare_node_id_is_one_id(vector_store: M3VectorStore, store: InMemoryStore) -> None:
+    """Issue 15: ``delete_nodes("abc")`` deletes ``abc``, never ``a``, ``b`` and ``c``."""
+    before = store.count()
+    vector_store.add([TextNode(id_=i, text=f"text {i}") for i in ("a", "b", "c", "abc")])
+    assert [n.node_id for n in vector_store.get_nodes("abc")] == ["abc"]  # type: ignore[arg-type]
+    vector_store.delete_nodes("abc")  # type: ignore[arg-type]
+    assert sorted(n.node_id for n in vector_store.get_nodes(["a", "b", "c", "abc"])) == [
+        "a",
+        "b",
+        "c",
+    ]
+    assert store.count() == before + 3

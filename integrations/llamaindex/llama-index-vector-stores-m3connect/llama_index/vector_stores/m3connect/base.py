@@ -37,7 +37,15 @@ from m3connect.cached_encoder import CachedEncoder
 from m3connect.encoder import M3Encoder
 from m3connect.filters import And, Eq, Field, Filter, FilterLike, In, Not, Or, Range, matches
 from m3connect.filters import parse_filter as parse_m3_filter
-from m3connect.store import AsyncM3Store, AsyncStoreAdapter, Hit, M3Store, Record, SearchParams
+from m3connect.store import (
+    AsyncM3Store,
+    AsyncStoreAdapter,
+    Hit,
+    M3Store,
+    Record,
+    SearchParams,
+    id_list,
+)
 from m3connect.types import M3Embedding, M3Output
 
 #: Metadata key of the per-representation scores on returned nodes.
@@ -218,9 +226,9 @@ class M3VectorStore(BasePydanticVectorStore):
         if node_ids is None:
             self._store.delete(filter=condition)
         elif condition is None:
-            self._store.delete(list(node_ids))
+            self._store.delete(id_list(node_ids))
         else:
-            records = self._store.get(list(node_ids))
+            records = self._store.get(id_list(node_ids))
             self._store.delete([r.id for r in records if matches(condition, r.metadata)])
 
     async def adelete_nodes(
@@ -247,7 +255,7 @@ class M3VectorStore(BasePydanticVectorStore):
         without ``node_ids``, every matching node (read in batches, no cap)."""
         condition = to_m3_filter(filters)
         if node_ids is not None:
-            records = self._store.get(list(node_ids))
+            records = self._store.get(id_list(node_ids))
             return [
                 record_to_node(r.id, r.text, r.metadata)
                 for r in records
@@ -371,7 +379,7 @@ class M3VectorStore(BasePydanticVectorStore):
         self, node_ids: Sequence[str], embedding: M3Embedding, params: SearchParams
     ) -> list[Hit]:
         """The exact search restricted to ``node_ids`` (the store's :meth:`search_within`)."""
-        return self._store.search_within(list(node_ids), embedding, params)
+        return self._store.search_within(node_ids, embedding, params)
 
 
 # --- conversions -------------------------------------------------------------------------------
