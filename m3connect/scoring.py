@@ -7,6 +7,7 @@ database computes (a MaxSim *sum*, Elasticsearch's ``(1 + dot) / 2``) back to th
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -16,9 +17,14 @@ from m3connect.types import M3Embedding, M3Output
 #: The reference README's weights for (dense, sparse, colbert).
 DEFAULT_WEIGHTS: tuple[float, float, float] = (0.4, 0.2, 0.4)
 
-# Query rows x document rows per matmul block in colbert_scores: bounds memory on large
-# candidate sets (64 query rows x 2^20 doc rows of float32 = 256 MiB).
-_COLBERT_BLOCK_ELEMENTS = 1 << 26
+# Float32 elements of document rows per matmul block in colbert_scores (8 MiB): bounds memory
+# for any number of candidates (mode="colbert" over a whole collection) and keeps the block in
+# cache while it is converted and multiplied.
+_COLBERT_BLOCK_ELEMENTS = 1 << 21
+
+# One scratch block per thread, reused across calls: a fresh buffer per call costs its page
+# faults every time, about as much as converting the rows into it.
+_scratch = threading.local()
 
 
 def dense_scores(query: np.ndarray, docs: np.ndarray) -> np.ndarray:
@@ -51,34 +57,119 @@ def colbert_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:
 
     ``query`` is ``[m, d]``; each document ``[n_i, d]`` (float32 or float16). A document with
     no rows scores 0. Databases compute the *sum* (MaxSim); divide theirs by ``m`` to compare.
+
+    One batched computation: the documents' rows are packed block by block into one float32
+    matrix (float16 converted once, on the way in), multiplied with the query in BLAS, and
+    reduced per document with a max over its rows, then a mean over the query rows.
     """
     query = np.asarray(query, dtype=np.float32)
     if query.ndim != 2:
         raise ValueError(f"a ColBERT query must be [m, d], got shape {query.shape}")
     out = np.zeros(len(docs), dtype=np.float64)
-    if len(docs) == 0 or query.shape[0] == 0:
+    m, dim = query.shape
+    if len(docs) == 0 or m == 0:
         return out
-    lengths = np.array([len(d) for d in docs])
-    for d in docs:
-        if len(d) and (np.ndim(d) != 2 or d.shape[1] != query.shape[1]):
-            raise ValueError(f"ColBERT shapes do not match: query {query.shape}, doc {np.shape(d)}")
-    block_rows = max(1, _COLBERT_BLOCK_ELEMENTS // max(1, query.shape[0]))
+    lengths = [len(doc) for doc in docs]
+    for doc, n in zip(docs, lengths, strict=True):
+        if n and (np.ndim(doc) != 2 or np.shape(doc)[1] != dim):
+            raise ValueError(
+                f"ColBERT shapes do not match: query {query.shape}, doc {np.shape(doc)}"
+            )
+    query_t = np.ascontiguousarray(query.T)  # [d, m]: each block is rows @ query_t
+    block_rows = max(1, _COLBERT_BLOCK_ELEMENTS // max(1, dim))
     start = 0
     while start < len(docs):
-        # Gather documents until the block of document rows is full.
-        stop, rows = start, 0
+        # The next block: documents until their rows fill it (a longer document alone).
+        members: list[int] = []
+        rows = 0
+        stop = start
         while stop < len(docs) and (rows == 0 or rows + lengths[stop] <= block_rows):
-            rows += lengths[stop]
+            if lengths[stop]:
+                members.append(stop)
+                rows += lengths[stop]
             stop += 1
-        nonempty = [i for i in range(start, stop) if lengths[i] > 0]
-        if nonempty:
-            matrix = np.concatenate([np.asarray(docs[i], dtype=np.float32) for i in nonempty])
-            sims = query @ matrix.T  # [m, rows]
-            offsets = np.concatenate([[0], np.cumsum(lengths[nonempty])[:-1]])
-            best = np.maximum.reduceat(sims, offsets, axis=1)  # [m, len(nonempty)]
-            out[nonempty] = best.astype(np.float64).mean(axis=0)
+        if members:
+            out[members] = _block_maxsim(query_t, [docs[i] for i in members], rows)
         start = stop
     return out
+
+
+def _block_maxsim(query_t: np.ndarray, docs: Sequence[np.ndarray], rows: int) -> np.ndarray:
+    """ColBERT means of non-empty ``docs`` (``rows`` rows in all) in one matrix product."""
+    sims = _block_matrix(docs, rows, query_t.shape[0]) @ query_t  # [rows, m]
+    if len(docs) == 1:
+        best = sims.max(axis=0, keepdims=True)
+    else:
+        offsets = np.zeros(len(docs), dtype=np.intp)
+        np.cumsum([len(doc) for doc in docs[:-1]], out=offsets[1:])
+        best = np.maximum.reduceat(sims, offsets, axis=0)  # [docs, m]
+    return best.mean(axis=1, dtype=np.float64)
+
+
+def _block_matrix(docs: Sequence[np.ndarray], rows: int, dim: int) -> np.ndarray:
+    """The documents' rows one after another as one float32 ``[rows, dim]`` matrix."""
+    first = docs[0]
+    if len(docs) == 1 and isinstance(first, np.ndarray) and first.dtype == np.float32:
+        return first  # BLAS takes it as it is
+    matrix = _scratch_rows("float32", rows, dim)
+    torch = _torch()
+    if torch is not None and all(
+        isinstance(doc, np.ndarray) and doc.dtype == np.float16 for doc in docs
+    ):
+        half = _scratch_rows("float16", rows, dim)
+        at = 0
+        for doc in docs:
+            half[at : at + len(doc)] = doc  # a plain copy
+            at += len(doc)
+        _float16_to_float32(torch, half, matrix)
+        return matrix
+    at = 0
+    for doc in docs:
+        matrix[at : at + len(doc)] = doc  # any dtype -> float32, once
+        at += len(doc)
+    return matrix
+
+
+def _float16_to_float32(torch, half: np.ndarray, out: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    """``out[:] = half``: torch's vectorized conversion (numpy's takes about three times as
+    long, as long as the product itself). Pieces stay under torch's parallel grain size so the
+    conversion runs in this thread: a torch thread pool waking beside OpenBLAS's spinning
+    threads (the product) slows both down severalfold on small machines."""
+    step = max(1, (_TORCH_GRAIN_SIZE - 1) // max(1, half.shape[1]))
+    source, target = torch.from_numpy(half), torch.from_numpy(out)
+    for start in range(0, len(half), step):
+        target[start : start + step].copy_(source[start : start + step])
+
+
+#: torch's ``at::internal::GRAIN_SIZE``: element-wise ops on fewer elements run serially.
+_TORCH_GRAIN_SIZE = 32768
+_TORCH = None
+
+
+def _torch():  # type: ignore[no-untyped-def]
+    """torch (an m3connect dependency), imported on the first float16 conversion; ``None``
+    where it is missing (numpy converts then)."""
+    global _TORCH
+    if _TORCH is None:
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is a dependency
+            _TORCH = False
+        else:
+            _TORCH = torch
+    return _TORCH or None
+
+
+def _scratch_rows(dtype: str, rows: int, dim: int) -> np.ndarray:
+    """A ``[rows, dim]`` work matrix, reused by the calling thread (a document longer than a
+    block gets one of its own, not kept)."""
+    if rows * dim > _COLBERT_BLOCK_ELEMENTS:
+        return np.empty((rows, dim), dtype=dtype)
+    buffer = getattr(_scratch, dtype, None)
+    if buffer is None or buffer.size < rows * dim:
+        buffer = np.empty(_COLBERT_BLOCK_ELEMENTS, dtype=dtype)
+        setattr(_scratch, dtype, buffer)
+    return buffer[: rows * dim].reshape(rows, dim)
 
 
 def combine_scores(

@@ -57,6 +57,94 @@ def test_colbert_blocks_give_the_same_answer(monkeypatch):
     np.testing.assert_allclose(whole, by_hand, rtol=1e-5)
 
 
+def _colbert_by_loop(query, docs):
+    """The definition, one document at a time in float64."""
+    q = np.asarray(query, dtype=np.float64)
+    return [
+        float(np.mean(np.max(q @ np.asarray(d, dtype=np.float64).T, axis=1))) if len(d) else 0.0
+        for d in docs
+    ]
+
+
+@pytest.fixture(params=["torch", "numpy"])
+def backend(request, monkeypatch):
+    """The core's two ways to convert float16 rows: torch (when importable) and numpy."""
+    if request.param == "numpy":
+        monkeypatch.setattr("m3connect.scoring._TORCH", False)
+    else:
+        pytest.importorskip("torch")
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_colbert_batched_equals_the_loop_on_ragged_documents(dtype, backend, monkeypatch):
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(7, 16)).astype(np.float32)
+    lengths = [1, 0, 5, 1, 40, 0, 3, 1, 17, 2]
+    docs = [rng.normal(size=(n, 16)).astype(dtype) for n in lengths]
+    expected = _colbert_by_loop(q, docs)
+    assert expected[1] == 0.0 and expected[5] == 0.0
+    np.testing.assert_allclose(colbert_scores(q, docs), expected, rtol=1e-5, atol=1e-6)
+    # Blocks of 4 rows: documents split across blocks, one document longer than a block.
+    monkeypatch.setattr("m3connect.scoring._COLBERT_BLOCK_ELEMENTS", 4 * 16)
+    np.testing.assert_allclose(colbert_scores(q, docs), expected, rtol=1e-5, atol=1e-6)
+    # Nothing of an input is changed, and a float16 query counts as its float32 values.
+    np.testing.assert_allclose(
+        colbert_scores(q.astype(np.float16), docs),
+        _colbert_by_loop(q.astype(np.float16), docs),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_colbert_one_row_documents_and_edge_cases(backend):
+    rng = np.random.default_rng(4)
+    q = rng.normal(size=(3, 8)).astype(np.float32)
+    single = [rng.normal(size=(1, 8)).astype(np.float16) for _ in range(30)]
+    # One row: the score is the mean of the query rows' dot products with it.
+    np.testing.assert_allclose(
+        colbert_scores(q, single),
+        [float(np.mean(q.astype(np.float64) @ d[0].astype(np.float64))) for d in single],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert colbert_scores(q, []).shape == (0,)
+    np.testing.assert_array_equal(colbert_scores(np.zeros((0, 8)), single[:2]), [0.0, 0.0])
+    np.testing.assert_array_equal(colbert_scores(q, [np.zeros((0, 8))] * 3), [0.0] * 3)
+    # Plain lists are documents too, and a wrong width is named.
+    assert colbert_scores(q, [single[0].tolist()])[0] == pytest.approx(
+        colbert_scores(q, [single[0]])[0], rel=1e-6
+    )
+    with pytest.raises(ValueError, match="shapes do not match"):
+        colbert_scores(q, [single[0], np.ones((2, 9))])
+
+
+def test_colbert_float32_contiguous_and_strided_documents(backend):
+    """A float32 document is used in place; views and non-contiguous rows give the same."""
+    rng = np.random.default_rng(5)
+    q = rng.normal(size=(4, 12)).astype(np.float32)
+    big = rng.normal(size=(50, 24)).astype(np.float32)
+    docs = [big[:10, :12], big[10:30, 12:], big[::7, :12], np.asfortranarray(big[30:50, :12])]
+    expected = _colbert_by_loop(q, docs)
+    for subset in (docs, docs[:1], docs[1:2], docs[2:3], docs[3:]):
+        np.testing.assert_allclose(
+            colbert_scores(q, subset), _colbert_by_loop(q, subset), rtol=1e-5, atol=1e-6
+        )
+    np.testing.assert_allclose(colbert_scores(q, docs), expected, rtol=1e-5, atol=1e-6)
+    # Read-only, byte-swapped and reversed rows too.
+    frozen = big[:10, :12].copy()
+    frozen.flags.writeable = False
+    odd = [
+        frozen,
+        big[10:20, :12].astype(">f4"),
+        big[20:30, :12][::-1],
+        big[30:31, :12].astype(np.float64),
+    ]
+    np.testing.assert_allclose(
+        colbert_scores(q, odd), _colbert_by_loop(q, odd), rtol=1e-5, atol=1e-6
+    )
+
+
 def test_combined_score_divides_by_the_sum_of_weights():
     assert float(combine_scores(0.5, 0.25, 0.75, (0.4, 0.2, 0.4))) == pytest.approx(
         (0.4 * 0.5 + 0.2 * 0.25 + 0.4 * 0.75) / 1.0

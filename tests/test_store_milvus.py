@@ -559,6 +559,49 @@ def test_colbert_search_is_exact_beyond_the_first_token_round(make_store):
 
 
 @pytest.mark.slow
+def test_colbert_search_reads_every_row_when_bounds_cannot_prove_the_top(make_store):
+    """When more token hits would cost as much as reading the rows in scope (or the token
+    limit cannot grow), the exact answer comes from scoring every document the search may
+    return, in windows; the threshold rounds still run first."""
+    store, reference = filled_pair(make_store, colbert_token_limit=1, colbert_max_token_limit=1)
+    calls = {"scan": 0, "rounds": 0}
+    plain_scan, plain_count = _Search._score_all, _Search._token_rows
+
+    def scan(self, allowed, exact):
+        calls["scan"] += 1
+        return (yield from plain_scan(self, allowed, exact))
+
+    def rows(self, token_expr):
+        calls["rounds"] += 1
+        return (yield from plain_count(self, token_expr))
+
+    queries = synthetic_queries(synthetic_corpus()[1])[:3]
+    store._token_read_window = lambda: (5, 10)  # windows of a few documents
+    try:
+        _Search._score_all, _Search._token_rows = scan, rows
+        for query in queries:
+            for spec in (None, {"lang": "ko"}, FILTERS[next(iter(FILTERS))]):
+                params = SearchParams(mode="colbert", k=7, filter=spec)
+                expected = reference.search(query, params)
+                got = store.search(query, params)
+                assert [h.id for h in got] == [h.id for h in expected]
+                assert [h.score for h in got] == pytest.approx(
+                    [h.score for h in expected], abs=1e-5
+                )
+    finally:
+        _Search._score_all, _Search._token_rows = plain_scan, plain_count
+    assert calls["scan"] >= len(queries) and calls["rounds"] >= len(queries)
+    unselective = make_store(
+        name="main", colbert_token_limit=1, colbert_max_token_limit=1, colbert_filter_list_max=2
+    )
+    for spec in FILTERS.values():
+        params = SearchParams(mode="colbert", k=10, filter=spec)
+        assert [h.id for h in unselective.search(queries[1], params)] == [
+            h.id for h in reference.search(queries[1], params)
+        ]
+
+
+@pytest.mark.slow
 def test_colbert_with_an_unselective_filter(make_store):
     """A filter matching more documents than ``colbert_filter_list_max`` is checked per round."""
     store, reference = filled_pair(make_store, colbert_filter_list_max=3, colbert_token_limit=4)

@@ -28,7 +28,10 @@ never has to care; ``multivector=`` forces one):
   (:func:`m3connect.store.write_or_roll_back`). ``mode="colbert"`` is exact: token-level searches give each document an
   upper bound, candidates are re-scored exactly with :func:`m3connect.scoring.colbert_scores`,
   and the token limit grows until the bounds prove that no other document can enter the top
-  (a threshold algorithm). ``colbert_exact=False`` stops after the first round instead.
+  (a threshold algorithm). Once a further round would return as many token hits as the rows
+  in scope hold, every document in scope is scored from its rows instead, window by window: the
+  cost stays bounded by the rows in scope whatever the bounds. ``colbert_exact=False`` stops
+  after the first round instead.
 
 Model fingerprint, layout and schema version live in the collection's properties and are
 checked whenever a store attaches to an existing collection.
@@ -1087,6 +1090,7 @@ class _MilvusCore(StoreBase):
         limit: int | None = None,
         *,
         user_expr: bool = False,
+        vectors_as_arrays: bool = False,
     ) -> Steps:
         kwargs: dict[str, Any] = {
             "collection_name": collection,
@@ -1095,6 +1099,10 @@ class _MilvusCore(StoreBase):
         }
         if limit is not None:
             kwargs["limit"] = limit
+        if vectors_as_arrays:
+            # pymilvus decodes a float vector column into one numpy array (rows are views of
+            # it) instead of a Python list of floats per row: several times faster to read.
+            kwargs["strict_float32"] = True
         try:
             return list((yield Call("query", kwargs)))
         except MilvusException as exc:
@@ -1198,11 +1206,13 @@ class _MilvusCore(StoreBase):
     def _load_tokens(self, docs: dict[str, _Doc | None], pks: Sequence[str]) -> Steps:
         """ColBERT vectors of documents whose ``colbert_gen`` and ``colbert_len`` are loaded.
 
-        Several documents per query (their rows within the request budget), restricted to their
-        current generations; a document whose rows do not all come back (stale rows of a cut
-        upsert sharing a generation crowded the window) is asked for alone, exactly."""
-        per_query = self._rows_per_query()
+        As few queries as the request budget allows (each one scans the token collection on
+        Milvus Lite: its cost is the number of queries, then the rows), restricted to the
+        documents' current generations; vectors come back as numpy arrays. A document whose
+        rows do not all come back (stale rows of a cut upsert sharing a generation crowded the
+        window) is asked for alone, exactly."""
         dim = self.fingerprint.colbert_dim if self.fingerprint else 0
+        group_rows, limit_max = self._token_read_window()
 
         def store_rows(group: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> list[str]:
             by_doc: dict[str, list[tuple[int, Any]]] = {}
@@ -1220,7 +1230,7 @@ class _MilvusCore(StoreBase):
                 if len(pairs) < int(doc.fields[COLBERT_LEN]):
                     short.append(pk)
                 doc.fields[COLBERT] = (
-                    np.asarray([v for _, v in pairs], dtype=np.float32)
+                    np.asarray([v for _, v in pairs], dtype=np.float32).reshape(len(pairs), -1)
                     if pairs
                     else np.zeros((0, dim), dtype=np.float32)
                 )
@@ -1230,22 +1240,26 @@ class _MilvusCore(StoreBase):
             if not group:
                 return
             gens = sorted({docs[pk].fields[COLBERT_GEN] for pk in group})  # type: ignore[union-attr]
+            limit = max(1, min(limit_max, 2 * rows_in_group))
             rows = yield from self._query(
                 self.companion,
                 f"{TOKEN_DOC} in {_pk_list(group)} and {TOKEN_GEN} in {_pk_list(gens)}",
                 [TOKEN_DOC, TOKEN_GEN, TOKEN_POS, COLBERT_VEC],
-                min(MILVUS_TOPK_MAX, 2 * rows_in_group),
+                limit,
+                vectors_as_arrays=True,
             )
-            short = store_rows(group, rows) if len(group) > 1 else group
-            for pk in short:
+            for pk in store_rows(group, rows):
                 doc = docs[pk]
                 assert doc is not None
                 n = int(doc.fields[COLBERT_LEN])
+                if len(group) == 1 and limit >= n:
+                    continue  # that was the exact query already
                 rows = yield from self._query(
                     self.companion,
                     f"{TOKEN_DOC} == {quote(pk)} and {TOKEN_GEN} == {quote(doc.fields[COLBERT_GEN])}",
                     [TOKEN_DOC, TOKEN_GEN, TOKEN_POS, COLBERT_VEC],
-                    n,
+                    max(1, n),
+                    vectors_as_arrays=True,
                 )
                 store_rows([pk], rows)
 
@@ -1253,12 +1267,23 @@ class _MilvusCore(StoreBase):
         rows_in_group = 0
         for pk in pks:
             n = int(docs[pk].fields[COLBERT_LEN])  # type: ignore[union-attr]
-            if group and rows_in_group + n > per_query // 2:
+            if group and rows_in_group + n > group_rows:
                 yield from flush(group, rows_in_group)
                 group, rows_in_group = [], 0
             group.append(pk)
             rows_in_group += n
         yield from flush(group, rows_in_group)
+
+    def _token_read_window(self) -> tuple[int, int]:
+        """``(rows of documents per token query, its row limit)``: the limit leaves room for
+        as many stale rows again; servers return at most 16384 rows per query, Milvus Lite
+        any number (its messages take 256 MiB: the window stays under half of that)."""
+        dim = self.fingerprint.colbert_dim if self.fingerprint else 1024
+        budget = max(1, READ_BYTES // (4 * dim))
+        if self.is_lite:
+            return budget, 2 * budget
+        per_query = min(MILVUS_TOPK_MAX, budget)
+        return max(1, per_query // 2), per_query
 
     def _embedding(self, doc: _Doc, parts: Iterable[str]) -> M3Embedding:
         f = doc.fields
@@ -1547,6 +1572,10 @@ class _Search:
         scored exactly in the order of their bounds until the ``limit``-th exact score beats
         every remaining bound; if it does not beat ``mean_i t_i``, ``T`` grows (x4) and the
         search repeats. Exhausted token lists (fewer than ``T`` hits) bound nothing more.
+        When the next round would bring ``m * 4T`` hits, at least the token rows in scope (or
+        ``T`` may not grow), every document in scope is scored exactly instead
+        (:meth:`_score_all`): on random-like vectors the bounds prove little and the rounds
+        would cost far more than the rows.
         """
         store = self.store
         q = np.asarray(self.query.colbert, dtype=np.float32)
@@ -1566,6 +1595,7 @@ class _Search:
                 token_expr = f"{TOKEN_DOC} in {_pk_list(allowed_pks)}"
         exact: dict[str, float] = {}
         checked: set[str] = set(allowed or ())
+        in_scope_rows: int | None = None
         T = min(max(store.colbert_token_limit, 2 * limit), store.colbert_max_token_limit)
         while True:
             result = yield Call(
@@ -1628,20 +1658,35 @@ class _Search:
             }
             unseen_bound = float(np.mean(thresholds))
             order = sorted((pk for pk in candidates if pk not in exact), key=lambda pk: -bound[pk])
+            # Batches double: each token query costs a scan on Milvus Lite, so few large ones.
             batch_size = max(limit, 16)
-            while order:
+            done = 0
+            while done < len(order):
                 kth = _kth_best(exact, limit)
-                batch = [pk for pk in order[:batch_size] if bound[pk] >= kth - _EPS]
+                batch = []
+                for pk in order[done : done + batch_size]:
+                    if bound[pk] < kth - _EPS:
+                        break  # (bounds are sorted: no later one can enter the top)
+                    batch.append(pk)
                 if not batch:
                     break
-                yield from store._load(self.docs, batch, [COLBERT])
-                present = [pk for pk in batch if self.docs.get(pk) is not None]
-                values = colbert_scores(q, [self.docs[pk].fields[COLBERT] for pk in present])  # type: ignore[union-attr]
-                exact.update({pk: float(v) for pk, v in zip(present, values, strict=True)})
-                order = [pk for pk in order if pk not in batch]
+                yield from self._score_exactly(batch, exact)
+                done += len(batch)
+                batch_size *= 2
             kth = _kth_best(exact, limit)
             if unseen_bound == -math.inf or unseen_bound < kth - _EPS:
                 break  # proven: nothing unscored can enter the top
+            if store.colbert_exact:
+                # The next round returns m x 4T token hits; once that is as many rows as the
+                # documents in scope hold, reading those rows is the cheaper exact answer.
+                if in_scope_rows is None:
+                    in_scope_rows = yield from self._token_rows(token_expr)
+                if m * min(T * 4, store.colbert_max_token_limit) >= in_scope_rows or (
+                    store.colbert_max_token_limit <= T
+                ):
+                    scanned = yield from self._score_all(allowed, exact)
+                    if scanned:
+                        break
             if not store.colbert_exact or store.colbert_max_token_limit <= T:
                 if store.colbert_exact:
                     logger.warning(
@@ -1657,6 +1702,64 @@ class _Search:
             T = min(T * 4, store.colbert_max_token_limit)
         ranked = sorted(exact.items(), key=lambda item: -item[1])[:limit]
         return [(decode_pk(pk), score) for pk, score in ranked]
+
+    def _score_exactly(self, pks: Sequence[str], exact: dict[str, float]) -> Steps:
+        """Exact ColBERT scores of documents (their current rows), in ``exact``; the rows are
+        dropped again (a scan must not hold the collection in memory)."""
+        q = self.query.colbert
+        yield from self.store._load(self.docs, pks, [COLBERT])
+        present = [pk for pk in pks if self.docs.get(pk) is not None]
+        values = colbert_scores(q, [self.docs[pk].fields[COLBERT] for pk in present])  # type: ignore[arg-type,union-attr]
+        exact.update({pk: float(v) for pk, v in zip(present, values, strict=True)})
+        for pk in present:
+            self.docs[pk].fields.pop(COLBERT, None)  # type: ignore[union-attr]
+
+    def _token_rows(self, token_expr: str) -> Steps:
+        """How many token rows the search's documents hold (stale rows included)."""
+        rows = yield from self.store._query(self.store.companion, token_expr, ["count(*)"])
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    def _score_all(self, allowed: set[str] | None, exact: dict[str, float]) -> Steps:
+        """Exact ColBERT scores of every document the search may return, read window by
+        window: the cost is the rows in scope, whatever the bounds. ``False`` (nothing done)
+        where a server cannot list that many documents in one query."""
+        store = self.store
+        if allowed is None:
+            n = yield from store._count_expr(self.expr)
+            if n > MILVUS_TOPK_MAX and not store.is_lite:
+                return False
+            rows = yield from store._query(
+                store.collection,
+                self.expr,
+                [PK, COLBERT_GEN, COLBERT_LEN],
+                max(1, n),
+                user_expr=_is_raw(self.expr),
+            )
+            for row in rows:
+                doc = self.docs.get(row[PK]) or _Doc({})
+                doc.fields.update({COLBERT_GEN: row[COLBERT_GEN], COLBERT_LEN: row[COLBERT_LEN]})
+                self.docs[row[PK]] = doc
+            pks = [row[PK] for row in rows]
+        else:
+            pks = sorted(allowed)
+        todo = [pk for pk in pks if pk not in exact]
+        yield from store._load(self.docs, todo, [COLBERT_GEN, COLBERT_LEN])
+        window, _ = store._token_read_window()
+        batch: list[str] = []
+        rows_in_batch = 0
+        for pk in todo:
+            doc = self.docs.get(pk)
+            if doc is None:
+                continue
+            n_rows = int(doc.fields[COLBERT_LEN])
+            if batch and rows_in_batch + n_rows > window:
+                yield from self._score_exactly(batch, exact)
+                batch, rows_in_batch = [], 0
+            batch.append(pk)
+            rows_in_batch += n_rows
+        if batch:
+            yield from self._score_exactly(batch, exact)
+        return True
 
 
 def _kth_best(scores: Mapping[str, float], k: int) -> float:
