@@ -17,7 +17,7 @@ import sys
 from llama_index.core import Document, VectorStoreIndex
 from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.vector_stores import MetadataFilter, MetadataFilters
-from llama_index.embeddings.m3connect import M3Embedding
+from llama_index.embeddings.m3connect import M3ConnectEmbedding
 from llama_index.retrievers.m3connect import M3HybridRetriever
 from llama_index.vector_stores.m3connect import M3VectorStore
 
@@ -67,7 +67,9 @@ for hit in retriever.retrieve(question):
     print(f"{hit.score:.4f} ({scores})  {hit.node.get_content()}")
 
 # 2. A VectorStoreIndex over the same store: LlamaIndex's query modes and metadata filters.
-index = VectorStoreIndex.from_vector_store(vector_store, embed_model=M3Embedding(encoder=encoder))
+index = VectorStoreIndex.from_vector_store(
+    vector_store, embed_model=M3ConnectEmbedding(encoder=encoder)
+)
 hybrid = index.as_retriever(
     vector_store_query_mode="hybrid",
     similarity_top_k=2,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the framework integrations (editable) with their test dependencies and run their
-# tests, package by package, then run the two framework examples on a random checkpoint.
+# tests, package by package, then run the framework examples on a random checkpoint.
 #
 #   bash integrations/run_tests.sh              # install, test, run the examples
 #   M3_SKIP_INSTALL=1 bash integrations/run_tests.sh   # already installed: only test
@@ -47,6 +47,12 @@ if [ "${M3_SKIP_INSTALL:-0}" != "1" ]; then
     fi
     echo "+ pip install ${args[*]}"
     "$PYTHON" -m pip install --quiet --disable-pip-version-check "${args[@]}" || exit $?
+    # LlamaIndex's Milvus store pins pymilvus < 3, langchain-milvus 0.4 needs pymilvus 3: one
+    # environment cannot satisfy both pins, and the LlamaIndex store runs on pymilvus 3 (the
+    # drop-in tests prove it), so it is installed without its dependencies (all present).
+    echo "+ pip install --no-deps llama-index-vector-stores-milvus"
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-deps \
+        "llama-index-vector-stores-milvus>=1.2,<2" || exit $?
 fi
 
 failed=()
@@ -62,7 +68,8 @@ for package in "${PACKAGES[@]}"; do
 done
 
 if [ "${M3_SKIP_EXAMPLES:-0}" != "1" ]; then
-    for example in langchain_rag.py llamaindex_retriever.py; do
+    for example in langchain_rag.py llamaindex_retriever.py langchain_qdrant_hybrid.py \
+        langchain_milvus_hybrid.py llamaindex_qdrant_hybrid.py llamaindex_milvus_hybrid.py; do
         echo
         echo "=== examples/$example (random checkpoint)"
         if ! (cd "$ROOT" && "$PYTHON" "examples/$example" random); then

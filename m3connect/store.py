@@ -27,7 +27,15 @@ import logging
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -392,6 +400,17 @@ class M3Store(StoreBase, ABC):
     def count(self, *, filter: FilterLike = None) -> int:
         """How many documents are stored (matching ``filter``)."""
 
+    def clear(self) -> None:
+        """Delete every document; the collection and its settings stay."""
+        self.delete(filter={})
+
+    def iter_records(
+        self, *, filter: FilterLike = None, with_vectors: bool = False, batch_size: int = 256
+    ) -> Iterator[Record]:
+        """Every stored document (matching ``filter``), read ``batch_size`` at a time, in the
+        database's order; no search, so no cap on how many. Adapters implement it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its documents yet")
+
     # --- searching ------------------------------------------------------------------------
 
     def search(
@@ -401,6 +420,19 @@ class M3Store(StoreBase, ABC):
         params = self._resolve_params(params, overrides)
         embedding = self.check_query(self._encode_query(query), params)
         return self._search(embedding, params)
+
+    def search_within(
+        self,
+        ids: Sequence[DocId],
+        query: str | M3Embedding,
+        params: SearchParams | None = None,
+        **overrides: Any,
+    ) -> list[Hit]:
+        """The search restricted to the documents ``ids`` (unknown ids are skipped): the
+        contract's exact answer over them, computed from their stored vectors."""
+        params = self._resolve_params(params, overrides)
+        embedding = self.check_query(self._encode_query(query), params)
+        return search_records(self.get(_unique_ids(ids), with_vectors=True), embedding, params)
 
     @abstractmethod
     def _search(self, query: M3Embedding, params: SearchParams) -> list[Hit]:
@@ -456,6 +488,17 @@ class AsyncM3Store(StoreBase, ABC):
     @abstractmethod
     async def count(self, *, filter: FilterLike = None) -> int: ...
 
+    async def clear(self) -> None:
+        """Delete every document; the collection and its settings stay."""
+        await self.delete(filter={})
+
+    def iter_records(
+        self, *, filter: FilterLike = None, with_vectors: bool = False, batch_size: int = 256
+    ) -> AsyncIterator[Record]:
+        """Every stored document (matching ``filter``), as an async iterator (see
+        :meth:`M3Store.iter_records`). Adapters implement it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its documents yet")
+
     async def search(
         self, query: str | M3Embedding, params: SearchParams | None = None, **overrides: Any
     ) -> list[Hit]:
@@ -466,6 +509,24 @@ class AsyncM3Store(StoreBase, ABC):
             else await asyncio.to_thread(self._encode_query, query)
         )
         return await self._search(self.check_query(embedding, params), params)
+
+    async def search_within(
+        self,
+        ids: Sequence[DocId],
+        query: str | M3Embedding,
+        params: SearchParams | None = None,
+        **overrides: Any,
+    ) -> list[Hit]:
+        """See :meth:`M3Store.search_within`."""
+        params = self._resolve_params(params, overrides)
+        embedding = (
+            query
+            if isinstance(query, M3Embedding)
+            else await asyncio.to_thread(self._encode_query, query)
+        )
+        embedding = self.check_query(embedding, params)
+        records = await self.get(_unique_ids(ids), with_vectors=True)
+        return search_records(records, embedding, params)
 
     @abstractmethod
     async def _search(self, query: M3Embedding, params: SearchParams) -> list[Hit]: ...
@@ -516,6 +577,28 @@ class AsyncStoreAdapter(AsyncM3Store):
 
     async def count(self, *, filter: FilterLike = None) -> int:
         return await asyncio.to_thread(self.sync.count, filter=filter)
+
+    async def clear(self) -> None:
+        await asyncio.to_thread(self.sync.clear)
+
+    async def iter_records(  # type: ignore[override]
+        self, *, filter: FilterLike = None, with_vectors: bool = False, batch_size: int = 256
+    ) -> AsyncIterator[Record]:
+        records = self.sync.iter_records(
+            filter=filter, with_vectors=with_vectors, batch_size=batch_size
+        )
+        done = object()
+        while (record := await asyncio.to_thread(next, records, done)) is not done:
+            yield record  # type: ignore[misc]
+
+    async def search_within(
+        self,
+        ids: Sequence[DocId],
+        query: str | M3Embedding,
+        params: SearchParams | None = None,
+        **overrides: Any,
+    ) -> list[Hit]:
+        return await asyncio.to_thread(self.sync.search_within, ids, query, params, **overrides)
 
     async def search(
         self, query: str | M3Embedding, params: SearchParams | None = None, **overrides: Any
@@ -609,6 +692,30 @@ def _json_value(doc_id: DocId, value: Any, path: str, depth: int) -> Any:
         "(str, int, float, bool, None, lists and dicts of them); convert it first "
         "(e.g. a datetime to an ISO string, a set to a sorted list)"
     )
+
+
+def search_records(
+    records: Sequence[Record], query: M3Embedding, params: SearchParams
+) -> list[Hit]:
+    """The contract's exact search over ``records`` (read with their vectors), by the
+    reference store's arithmetic: what a search restricted to some ids answers."""
+    from m3connect.stores.memory import InMemoryStore  # the reference store imports this module
+
+    if not records:
+        return []
+    subset = InMemoryStore()
+    subset.add(
+        [r.id for r in records],
+        M3Output.from_embeddings([r.embedding for r in records]),  # type: ignore[misc]
+        texts=[r.text for r in records],
+        metadatas=[r.metadata for r in records],
+    )
+    return subset._search(query, params)
+
+
+def _unique_ids(ids: DocId | Iterable[DocId]) -> list[DocId]:
+    # "1" and 1 are different ids: dedupe by type and value.
+    return [i for _, i in dict.fromkeys((type(i), i) for i in id_list(ids))]
 
 
 def check_id(doc_id: Any) -> DocId:

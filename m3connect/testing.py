@@ -28,6 +28,7 @@ import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -35,6 +36,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 __all__ = [
     "SAMPLE_TEXTS",
+    "ForwardPassCounter",
     "build_random_checkpoint",
     "random_checkpoint",
     "RANDOM_MODEL",
@@ -363,3 +365,39 @@ def checkpoint_for_tests() -> str:
     folder = Path(tempfile.mkdtemp(prefix="m3connect-random-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return str(build_random_checkpoint(folder))
+
+
+class ForwardPassCounter:
+    """Counts the texts that go through an encoder's model (one forward pass each), for tests
+    that check that a pipeline encodes each text once.
+
+    .. code-block:: python
+
+        with ForwardPassCounter(encoder) as passes:
+            vector_store.add_texts(texts)
+        assert passes.texts == len(texts)
+    """
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder = encoder
+        self.texts = 0
+        self.batches = 0
+
+    def __enter__(self) -> ForwardPassCounter:
+        original = self.encoder._hidden_states
+
+        def counted(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            self.texts += int(input_ids.shape[0])
+            self.batches += 1
+            return original(input_ids, attention_mask)
+
+        # An instance attribute shadows the method for this encoder only.
+        self.encoder._hidden_states = counted
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.encoder._hidden_states
+
+    def reset(self) -> None:
+        self.texts = 0
+        self.batches = 0

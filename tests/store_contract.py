@@ -634,3 +634,66 @@ class StoreContract(DataSafetyContract):
         )
         with pytest.raises(StoreError):
             store.search(bad, mode="dense")
+
+    # --- listing, clearing, searching within ids ------------------------------------------
+
+    def test_iter_records_lists_every_document(self, filled) -> None:
+        store, reference = filled
+        ids, embeddings, texts, metadatas = synthetic_corpus()
+        try:
+            listed = list(store.iter_records(batch_size=7))
+        except NotImplementedError as exc:
+            pytest.skip(str(exc))
+        assert sorted(map(repr, (r.id for r in listed))) == sorted(map(repr, ids))
+        assert len(listed) == len(ids)
+        by_key = {(type(r.id), r.id): r for r in listed}
+        for doc_id, text, meta in zip(ids, texts, metadatas):
+            record = by_key[(type(doc_id), doc_id)]
+            assert record.text == text and record.metadata == meta and record.embedding is None
+        with_vectors = list(store.iter_records(with_vectors=True, batch_size=100))
+        want = {(type(r.id), r.id): r for r in reference.get(ids, with_vectors=True)}
+        for record in with_vectors:
+            expected = want[(type(record.id), record.id)].embedding
+            np.testing.assert_allclose(record.embedding.dense, expected.dense, atol=1e-6)
+            assert record.embedding.sparse == pytest.approx(expected.sparse)
+            np.testing.assert_allclose(record.embedding.colbert, expected.colbert, atol=1e-3)
+        geo = Field("lang") == "en"
+        filtered = [r.id for r in store.iter_records(filter=geo, batch_size=5)]
+        assert sorted(map(repr, filtered)) == sorted(
+            map(repr, (r.id for r in reference.iter_records(filter=geo)))
+        )
+        assert len(filtered) == reference.count(filter=geo) > 0
+
+    def test_clear_deletes_everything_and_keeps_the_collection(self, filled) -> None:
+        store, _ = filled
+        store.clear()
+        assert store.count() == 0
+        ids, embeddings, texts, metadatas = synthetic_corpus()
+        store.add(ids[:3], embeddings[:3], texts[:3], metadatas[:3])
+        assert store.count() == 3
+
+    @pytest.mark.parametrize(
+        "options",
+        [{"mode": "dense"}, {"mode": "hybrid", "rerank": "all"}, {"mode": "sparse"}],
+        ids=["dense", "hybrid-all", "sparse"],
+    )
+    def test_search_within_ids_matches_reference(self, filled, options) -> None:
+        store, reference = filled
+        ids, embeddings, _, _ = synthetic_corpus()
+        subset = [ids[i] for i in (0, 1, 3, 5, 8, 13, 21, 34)] + ["no-such-id"]
+        query = synthetic_queries(embeddings)[0]
+        params = SearchParams(k=5, candidates=20, **options)
+        got = store.search_within(subset, query, params)
+        # The reference: the same search over a store holding only those documents.
+        only = InMemoryStore(fingerprint=FINGERPRINT)
+        kept = [i for i in subset if i != "no-such-id"]
+        positions = [ids.index(i) if isinstance(i, str) else _int_position(ids, i) for i in kept]
+        only.add(kept, embeddings[positions])
+        want = only.search(query, params)
+        assert [(type(h.id), h.id) for h in got] == [(type(h.id), h.id) for h in want]
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=self.score_tol)
+        assert all(h.id in kept for h in got)
+
+
+def _int_position(ids: Sequence[DocId], doc_id: int) -> int:
+    return next(i for i, x in enumerate(ids) if type(x) is int and x == doc_id)

@@ -653,6 +653,21 @@ async def test_async_store_gives_the_same_answers(make_cluster, licence):
     with pytest.raises(FingerprintMismatchError):
         await AsyncElasticsearchStore(client, "docs", fingerprint=OTHER_FINGERPRINT).count()
     assert store.effective_licence == ("enterprise" if licence == "trial" else "basic")
+    listed = [r async for r in store.iter_records(batch_size=7, with_vectors=True)]
+    assert sorted(repr(r.id) for r in listed) == sorted(
+        repr(r.id) for r in reference.iter_records()
+    )
+    by_key = {(type(r.id), r.id): r for r in reference.get(ids, with_vectors=True)}
+    for record in listed:
+        want = by_key[(type(record.id), record.id)].embedding
+        np.testing.assert_allclose(record.embedding.dense, want.dense, atol=1e-6)
+    subset = ["1", 1, "doc-2", "doc-4", "no-such-id"]
+    query = synthetic_queries(embeddings)[0]
+    got = await store.search_within(subset, query, mode="hybrid", rerank="all", k=3)
+    want_hits = reference.search_within(subset, query, mode="hybrid", rerank="all", k=3)
+    assert [h.id for h in got] == [h.id for h in want_hits]
+    await store.clear()
+    assert await store.count() == 0
     await client.close()
 
 

@@ -677,6 +677,26 @@ async def test_async_store_gives_the_same_answers(lite_path, prefix, make_store)
         await store.delete(["doc-2"], filter={"lang": "ko"})
         reference.delete(["doc-2"], filter={"lang": "ko"})
         assert await store.count() == reference.count() < 48
+        listed = [r async for r in store.iter_records(batch_size=7, with_vectors=True)]
+        assert sorted(repr(r.id) for r in listed) == sorted(
+            repr(r.id) for r in reference.iter_records()
+        )
+        by_key = {(type(r.id), r.id): r for r in reference.get(ids, with_vectors=True)}
+        for record in listed:
+            want_embedding = by_key[(type(record.id), record.id)].embedding
+            np.testing.assert_allclose(record.embedding.dense, want_embedding.dense, atol=1e-6)
+        english = [r.id async for r in store.iter_records(filter={"lang": "en"}, batch_size=3)]
+        assert sorted(map(repr, english)) == sorted(
+            repr(r.id) for r in reference.iter_records(filter={"lang": "en"})
+        )
+        subset = ["1", 1, "doc-4", "doc-5", "no-such-id"]
+        query = synthetic_queries(embeddings)[1]
+        got = await store.search_within(subset, query, mode="hybrid", rerank="all", k=3)
+        want = reference.search_within(subset, query, mode="hybrid", rerank="all", k=3)
+        assert [h.id for h in got] == [h.id for h in want]
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
+        await store.clear()
+        assert await store.count() == 0
         with pytest.raises(FingerprintMismatchError):
             await AsyncMilvusStore.open(
                 client,

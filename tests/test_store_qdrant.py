@@ -144,6 +144,21 @@ class _SyncFacade(M3Store):
     def search(self, query, params=None, **overrides):  # type: ignore[no-untyped-def]
         return self._run(self.store.search(query, params, **overrides))
 
+    def clear(self):  # type: ignore[no-untyped-def]
+        self._run(self.store.clear())
+
+    def iter_records(self, *, filter=None, with_vectors=False, batch_size=256):  # type: ignore[no-untyped-def]
+        async def collect():  # type: ignore[no-untyped-def]
+            records = self.store.iter_records(
+                filter=filter, with_vectors=with_vectors, batch_size=batch_size
+            )
+            return [r async for r in records]
+
+        return iter(self._run(collect()))
+
+    def search_within(self, ids, query, params=None, **overrides):  # type: ignore[no-untyped-def]
+        return self._run(self.store.search_within(ids, query, params, **overrides))
+
     def _search(self, query, params):  # type: ignore[no-untyped-def]
         raise AssertionError("the facade searches through the async store")
 

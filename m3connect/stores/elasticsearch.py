@@ -47,7 +47,7 @@ import hashlib
 import logging
 import math
 import re
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import reduce
 from typing import Any, Literal
@@ -148,6 +148,11 @@ def es_id(doc_id: Any) -> str | None:
     if len(key.encode("utf-8", "surrogatepass")) > _ID_LIMIT:
         key = "h:" + hashlib.sha256(doc_id.encode("utf-8", "surrogatepass")).hexdigest()
     return key
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise StoreError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 def _user_id(hit: Mapping[str, Any]) -> DocId:
@@ -881,6 +886,37 @@ class _ElasticsearchLogic:
         body = yield ("count", {"index": self.index, "query": query or {"match_all": {}}})
         return int(body["count"])
 
+    def _g_list_ids(self, spec: FilterLike) -> _Gen:
+        """Every stored id (matching ``spec``), read with a scroll: no window cap."""
+        node = self._parse(spec)
+        if not (yield from self._g_open()):
+            return []
+        query = yield from self._g_filter_query(node)
+        body = yield (
+            "search",
+            {
+                "index": self.index,
+                "query": query or {"match_all": {}},
+                "size": _SCROLL_PAGE,
+                "scroll": _SCROLL_KEEP_ALIVE,
+                "sort": ["_doc"],
+                "source": self._source(["uid"]),
+            },
+        )
+        scroll_id = body.get("_scroll_id")
+        ids: list[DocId] = []
+        while body["hits"]["hits"]:
+            hits = body["hits"]["hits"]
+            ids.extend(_user_id(h) for h in hits)
+            if len(hits) < _SCROLL_PAGE:
+                break
+            body = yield ("scroll", {"scroll_id": scroll_id, "scroll": _SCROLL_KEEP_ALIVE})
+            scroll_id = body.get("_scroll_id", scroll_id)
+        if scroll_id:  # (after an error the context expires by itself)
+            with contextlib.suppress(ApiError, TransportError):
+                yield ("clear_scroll", {"scroll_id": scroll_id})
+        return ids
+
     def _g_get(self, ids: Sequence[DocId], with_vectors: bool) -> _Gen:
         ids = id_list(ids)
         if not (yield from self._g_open()):
@@ -1415,6 +1451,15 @@ class ElasticsearchStore(_ElasticsearchLogic, M3Store):
     def count(self, *, filter: FilterLike = None) -> int:
         return self._run(self._g_count(filter))
 
+    def iter_records(
+        self, *, filter: FilterLike = None, with_vectors: bool = False, batch_size: int = 256
+    ) -> Iterator[Record]:
+        """The ids are listed first (one scroll), then read ``batch_size`` at a time."""
+        _check_batch_size(batch_size)
+        ids = self._run(self._g_list_ids(filter))
+        for start in range(0, len(ids), batch_size):
+            yield from self.get(ids[start : start + batch_size], with_vectors=with_vectors)
+
     def _search(self, query: M3Embedding, params: SearchParams) -> list[Hit]:
         return self._run(self._g_search(query, params))
 
@@ -1525,6 +1570,18 @@ class AsyncElasticsearchStore(_ElasticsearchLogic, AsyncM3Store):
 
     async def count(self, *, filter: FilterLike = None) -> int:
         return await self._run(self._g_count(filter))
+
+    async def iter_records(  # type: ignore[override]
+        self, *, filter: FilterLike = None, with_vectors: bool = False, batch_size: int = 256
+    ) -> AsyncIterator[Record]:
+        """The ids are listed first (one scroll), then read ``batch_size`` at a time."""
+        _check_batch_size(batch_size)
+        ids = await self._run(self._g_list_ids(filter))
+        for start in range(0, len(ids), batch_size):
+            for record in await self.get(
+                ids[start : start + batch_size], with_vectors=with_vectors
+            ):
+                yield record
 
     async def search(self, query, params=None, **overrides):  # type: ignore[no-untyped-def]
         await self._run(self._g_open())  # learn the stored fingerprint before validating the query

@@ -7,7 +7,7 @@ same data. It is also a fine store for small corpora (thousands of documents) an
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +98,15 @@ class InMemoryStore(M3Store):
         for doc_id in doomed:
             del self._docs[doc_id]
         self._dense_cache = None
+
+    def iter_records(
+        self, *, filter: FilterLike = None, with_vectors: bool = False, batch_size: int = 256
+    ) -> Iterator[Record]:
+        node = self._filter(filter)
+        for doc_id in list(self._docs):  # a snapshot: writes while iterating are not seen
+            doc = self._docs.get(doc_id)
+            if doc is not None and matches(node, doc.metadata):
+                yield from self.get([doc_id], with_vectors=with_vectors)
 
     def count(self, *, filter: FilterLike = None) -> int:
         node = self._filter(filter)

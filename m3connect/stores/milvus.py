@@ -74,7 +74,7 @@ import math
 import re
 import struct
 import uuid
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -1853,6 +1853,24 @@ class MilvusStore(_MilvusCore, M3Store):
     def count(self, *, filter: FilterLike = None) -> int:
         return self._run(self._count(filter))
 
+    def iter_records(
+        self, *, filter: FilterLike = None, with_vectors: bool = False, batch_size: int = 256
+    ) -> Iterator[Record]:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise StoreError(f"batch_size must be a positive integer, got {batch_size!r}")
+        expr = self._run(self._expression(filter))
+        if not self._exists:
+            return
+        # Milvus's own iterator pages by primary key: no cap on how many documents.
+        pages = self.client.query_iterator(
+            self.collection, batch_size=batch_size, filter=expr, output_fields=[PK]
+        )
+        try:
+            while rows := pages.next():
+                yield from self.get([decode_pk(row[PK]) for row in rows], with_vectors=with_vectors)
+        finally:
+            pages.close()
+
     def _search(self, query: M3Embedding, params: SearchParams) -> list[Hit]:  # type: ignore[override]
         return self._run(_MilvusCore._search(self, query, params))
 
@@ -1931,6 +1949,38 @@ class AsyncMilvusStore(_MilvusCore, AsyncM3Store):
 
     async def count(self, *, filter: FilterLike = None) -> int:
         return await self._run(self._count(filter))
+
+    async def iter_records(  # type: ignore[override]
+        self, *, filter: FilterLike = None, with_vectors: bool = False, batch_size: int = 256
+    ) -> AsyncIterator[Record]:
+        """Pages by primary key, as pymilvus's (sync-only) query iterator does: each page asks
+        for the documents after the last one read, in the server's iterator order."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise StoreError(f"batch_size must be a positive integer, got {batch_size!r}")
+        await self._ensure_attached()
+        expr = await self._run(self._expression(filter))
+        cursor: str | None = None
+        while self._exists:
+            page_expr = expr
+            if cursor is not None:
+                page_expr = f"{PK} > {quote(cursor)}" + (f" and ({expr})" if expr else "")
+            rows = await self.client.query(
+                self.collection,
+                filter=page_expr,
+                output_fields=[PK],
+                limit=batch_size,
+                # The query iterator's options: results in primary-key order.
+                iterator="True",
+                reduce_stop_for_best="True",
+            )
+            pks = [row[PK] for row in rows]
+            if pks != sorted(pks):  # the cursor would skip documents: refuse, do not guess
+                raise StoreError("Milvus returned a page out of primary-key order")
+            for record in await self.get([decode_pk(pk) for pk in pks], with_vectors=with_vectors):
+                yield record
+            if len(pks) < batch_size:
+                break
+            cursor = pks[-1]
 
     async def search(
         self, query: str | M3Embedding, params: SearchParams | None = None, **overrides: Any

@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -138,6 +138,11 @@ def point_id(doc_id: DocId) -> str:
     """The Qdrant point id of a user id: a UUID derived from the id *and its type*."""
     kind = "int" if isinstance(doc_id, int) else "str"
     return str(uuid.uuid5(NAMESPACE, f"{kind}:{doc_id}"))
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise StoreError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 def _valid_id(doc_id: Any) -> bool:
@@ -510,6 +515,13 @@ class _QdrantBase(StoreBase):
             if hit is not None:
                 records.append(self._record(hit[0], hit[1], with_vectors))
         return records
+
+    def _scrolled(self, points: Sequence[Any], with_vectors: bool) -> Iterator[Record]:
+        """Records of scrolled points (the reserved point, without ``doc_id``, left out)."""
+        for point in points:
+            payload = point.payload or {}
+            if "doc_id" in payload:
+                yield self._record(payload, point.vector, with_vectors)
 
     @staticmethod
     def _point_ids(ids: Sequence[DocId]) -> list[str]:
@@ -1413,6 +1425,27 @@ class QdrantStore(_ClientStoreBase, M3Store):
             return 0
         return int(self.client.count(self.collection, count_filter=query_filter, exact=True).count)
 
+    def iter_records(
+        self, *, filter: FilterLike = None, with_vectors: bool = False, batch_size: int = 256
+    ) -> Iterator[Record]:
+        _check_batch_size(batch_size)
+        ready = self._ensure()
+        scroll_filter = self._filter(filter)
+        vectors = self._vector_names(LEG_NAMES) if with_vectors else False
+        offset = None
+        while ready:
+            points, offset = self.client.scroll(
+                self.collection,
+                scroll_filter=scroll_filter,
+                limit=batch_size,
+                offset=offset,
+                with_payload=True,
+                with_vectors=vectors,
+            )
+            yield from self._scrolled(points, with_vectors)
+            if offset is None:
+                break
+
     # --- searching ------------------------------------------------------------------------
 
     def _search(self, query: M3Embedding, params: SearchParams) -> list[Hit]:
@@ -1580,6 +1613,28 @@ class AsyncQdrantStore(_ClientStoreBase, AsyncM3Store):
         if filter is not None:
             selector = models.FilterSelector(filter=self._filter(filter, everything=True))
             await self.client.delete(self.collection, selector, wait=True)
+
+    async def iter_records(  # type: ignore[override]
+        self, *, filter: FilterLike = None, with_vectors: bool = False, batch_size: int = 256
+    ) -> AsyncIterator[Record]:
+        _check_batch_size(batch_size)
+        ready = await self._ensure()
+        scroll_filter = self._filter(filter)
+        vectors = self._vector_names(LEG_NAMES) if with_vectors else False
+        offset = None
+        while ready:
+            points, offset = await self.client.scroll(
+                self.collection,
+                scroll_filter=scroll_filter,
+                limit=batch_size,
+                offset=offset,
+                with_payload=True,
+                with_vectors=vectors,
+            )
+            for record in self._scrolled(points, with_vectors):
+                yield record
+            if offset is None:
+                break
 
     async def count(self, *, filter: FilterLike = None) -> int:
         ready = await self._ensure()
@@ -1782,6 +1837,28 @@ class QdrantEdgeStore(_QdrantBase, M3Store):
         if not ready:
             return 0
         return int(self.shard.count(self._dialect.e.CountRequest(exact=True, filter=query_filter)))
+
+    def iter_records(
+        self, *, filter: FilterLike = None, with_vectors: bool = False, batch_size: int = 256
+    ) -> Iterator[Record]:
+        _check_batch_size(batch_size)
+        ready = self._ensure()
+        scroll_filter = self._filter(filter)
+        vectors = self._vector_names(LEG_NAMES) if with_vectors else False
+        offset = None
+        while ready:
+            points, offset = self.shard.scroll(
+                self._dialect.e.ScrollRequest(
+                    offset=offset,
+                    limit=batch_size,
+                    filter=scroll_filter,
+                    with_payload=True,
+                    with_vector=vectors,
+                )
+            )
+            yield from self._scrolled(points, with_vectors)
+            if offset is None:
+                break
 
     def _search(self, query: M3Embedding, params: SearchParams) -> list[Hit]:
         qv = self._query_vectors(query, params)

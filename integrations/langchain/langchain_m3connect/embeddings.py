@@ -5,6 +5,12 @@ vectors, what every LangChain component understands) that also gives the other t
 representations, sparse lexical weights and ColBERT vectors, from the same forward pass:
 :meth:`M3Embeddings.embed_documents_m3` and :meth:`M3Embeddings.embed_query_m3`. The
 :class:`~langchain_m3connect.M3VectorStore` uses those to fill all three at once.
+
+Each text goes through the model once: the outputs are kept in a bounded cache
+(:class:`m3connect.cached_encoder.CachedEncoder`) that the sparse embeddings for
+``langchain-qdrant`` and ``langchain-milvus`` built from an :class:`M3Embeddings` share, so
+that a store asking for the dense vectors and then the sparse weights of the same texts
+encodes them once.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from typing import Any
 
 from langchain_core.embeddings import Embeddings
 from langchain_core.runnables.config import run_in_executor
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from m3connect.cached_encoder import DEFAULT_MAX_ENTRIES, CachedEncoder
 from m3connect.encoder import M3Encoder
 from m3connect.types import M3Embedding, M3Output
 
@@ -40,6 +47,9 @@ class M3Embeddings(BaseModel, Embeddings):
     Documents are encoded with ``encode_kwargs`` passed to :meth:`M3Encoder.encode` (e.g.
     ``{"max_length": 8192, "batch_tokens": 16384}``), queries with ``query_encode_kwargs``
     passed to :meth:`M3Encoder.encode_queries` (512 tokens by default, like the reference).
+    Both are checked when the object is built: only :meth:`M3Encoder.encode` settings
+    (``max_length``, ``colbert_dtype``, ``batch_tokens``, ``max_batch_size``,
+    ``show_progress``).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", protected_namespaces=())
@@ -61,6 +71,12 @@ class M3Embeddings(BaseModel, Embeddings):
     encoder: M3Encoder | None = Field(default=None, exclude=True)
     """An encoder already loaded (then ``model_name`` and ``model_kwargs`` are not used)."""
 
+    cache_size: int = DEFAULT_MAX_ENTRIES
+    """How many texts' outputs are kept so that a second request for them (e.g. the sparse
+    weights after the dense vectors) needs no second forward pass; 0 turns this off."""
+
+    _cached: CachedEncoder = PrivateAttr()
+
     @model_validator(mode="after")
     def _load_encoder(self) -> M3Embeddings:
         if self.encoder is None:
@@ -69,6 +85,12 @@ class M3Embeddings(BaseModel, Embeddings):
             self.encoder = M3Encoder.from_pretrained(self.model_name, **self.model_kwargs)
         elif self.model_name is None:
             self.model_name = self.encoder.name
+        self._cached = CachedEncoder(
+            self.encoder,
+            encode_kwargs=self.encode_kwargs,
+            query_encode_kwargs=self.query_encode_kwargs,
+            max_entries=self.cache_size,
+        )
         return self
 
     @property
@@ -77,15 +99,21 @@ class M3Embeddings(BaseModel, Embeddings):
         assert self.encoder is not None
         return self.encoder
 
+    @property
+    def cached_encoder(self) -> CachedEncoder:
+        """The encoder with this object's settings and output cache (shared with the sparse
+        embeddings built from it)."""
+        return self._cached
+
     # --- the three representations -------------------------------------------------------
 
     def embed_documents_m3(self, texts: list[str]) -> M3Output:
         """Dense, sparse and ColBERT representations of ``texts`` (one forward pass)."""
-        return self.m3_encoder.encode(list(texts), **self.encode_kwargs)
+        return self._cached.encode_documents(list(texts))
 
     def embed_query_m3(self, text: str) -> M3Embedding:
         """Dense, sparse and ColBERT representations of one query."""
-        return self.m3_encoder.encode_queries([text], **self.query_encode_kwargs)[0]
+        return self._cached.encode_query(text)
 
     async def aembed_documents_m3(self, texts: list[str]) -> M3Output:
         """Async :meth:`embed_documents_m3` (runs in a worker thread)."""
@@ -99,20 +127,15 @@ class M3Embeddings(BaseModel, Embeddings):
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         """Dense vectors of ``texts`` (L2-normalized; compare with a dot product)."""
-        texts = list(texts)
-        if not texts:
-            return []
-        kwargs = {**self.encode_kwargs, "dense": True, "sparse": False, "colbert": False}
-        dense = self.m3_encoder.encode(texts, **kwargs).dense
+        dense = self._cached.encode_documents(list(texts), ("dense",)).dense
         assert dense is not None
-        return [[float(x) for x in row] for row in dense]
+        return dense.tolist()
 
     def embed_query(self, text: str) -> list[float]:
         """Dense vector of one query."""
-        kwargs = {**self.query_encode_kwargs, "dense": True, "sparse": False, "colbert": False}
-        dense = self.m3_encoder.encode_queries([text], **kwargs).dense
+        dense = self._cached.encode_query(text, ("dense",)).dense
         assert dense is not None
-        return [float(x) for x in dense[0]]
+        return dense.tolist()
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
         return await run_in_executor(None, self.embed_documents, texts)

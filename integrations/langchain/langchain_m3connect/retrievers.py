@@ -19,10 +19,10 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, model_validator
 
-from langchain_m3connect.vectorstores import M3VectorStore
-from m3connect.fusion import DEFAULT_RRF_K
-from m3connect.scoring import DEFAULT_WEIGHTS
+from langchain_m3connect.vectorstores import PARAM_FIELDS, M3VectorStore
 from m3connect.store import FusionName, Mode, RerankName, SearchParams
+
+_DEFAULTS = SearchParams()
 
 
 class M3HybridRetriever(BaseRetriever):
@@ -53,16 +53,16 @@ class M3HybridRetriever(BaseRetriever):
     mode: Mode = "hybrid"
     """``"hybrid"`` (the legs in ``hybrid_legs``), ``"dense"``, ``"sparse"`` or ``"colbert"``."""
 
-    hybrid_legs: tuple[str, ...] = ("dense", "sparse")
-    fusion: FusionName = "rrf"
-    rrf_k: float = DEFAULT_RRF_K
-    weights: tuple[float, float, float] = DEFAULT_WEIGHTS
+    hybrid_legs: tuple[str, ...] = _DEFAULTS.hybrid_legs
+    fusion: FusionName = _DEFAULTS.fusion
+    rrf_k: float = _DEFAULTS.rrf_k
+    weights: tuple[float, float, float] = _DEFAULTS.weights
     """``(dense, sparse, colbert)`` weights of ``rerank="all"`` and of weighted fusion."""
 
     rerank: RerankName | None = "all"
     """``"all"`` (the paper's weighted sum of the three scores), ``"colbert"``, or ``None``."""
 
-    candidates: int = 100
+    candidates: int = _DEFAULTS.candidates
     """How many candidates each leg retrieves and the re-rank scores."""
 
     filter: Any = None
@@ -88,17 +88,7 @@ class M3HybridRetriever(BaseRetriever):
 
     def search_params(self, **overrides: Any) -> SearchParams:
         """The :class:`SearchParams` of a call with these overrides."""
-        fields = {
-            "k": self.k,
-            "mode": self.mode,
-            "hybrid_legs": tuple(self.hybrid_legs),
-            "fusion": self.fusion,
-            "rrf_k": self.rrf_k,
-            "weights": tuple(self.weights),
-            "rerank": self.rerank,
-            "candidates": self.candidates,
-            "filter": self.filter,
-        }
+        fields = {name: getattr(self, name) for name in PARAM_FIELDS}
         return SearchParams(**fields).with_overrides(**overrides)
 
     def _get_relevant_documents(
@@ -117,14 +107,4 @@ class M3HybridRetriever(BaseRetriever):
 
 
 def _as_kwargs(params: SearchParams) -> dict[str, Any]:
-    return {
-        "k": params.k,
-        "mode": params.mode,
-        "hybrid_legs": params.hybrid_legs,
-        "fusion": params.fusion,
-        "rrf_k": params.rrf_k,
-        "weights": params.weights,
-        "rerank": params.rerank,
-        "candidates": params.candidates,
-        "filter": params.filter,
-    }
+    return {name: getattr(params, name) for name in PARAM_FIELDS}

@@ -17,6 +17,24 @@ also put them in each returned document's metadata (a copy; nothing stored chang
 - ``metadata["m3_scores"]``: the exact score of each representation the search used, e.g.
   ``{"dense": 0.71, "sparse": 0.12, "colbert": 0.69}`` (scales of :mod:`m3connect.scoring`).
 
+Relevance scores
+----------------
+``similarity_search_with_relevance_scores``, ``as_retriever(search_type=
+"similarity_score_threshold")`` and the ``score_threshold=`` option of any search use a
+relevance in ``[0, 1]`` derived from the final score (unless ``relevance_score_fn`` is given):
+
+- a cosine final score (``mode="dense"`` or ``"colbert"``, ``rerank="colbert"``, weighted fusion
+  of dense and ColBERT): ``(1 + score) / 2``;
+- RRF fusion (the default hybrid search): ``score / (n_legs / (rrf_k + 1))``, the fused score
+  over the best one possible, so 1 means "ranked first by every leg";
+- DBSF fusion: ``score / n_legs`` (each leg's normalized score is about ``[0, 1]``), clipped.
+
+Lexical scores (``mode="sparse"``, weighted fusion or ``rerank="all"`` with a sparse weight)
+have no fixed range: those searches need ``relevance_score_fn``.
+
+Sparse-only searches (``mode="sparse"``) return only the documents that share at least one token
+with the query, so they may return fewer than ``k`` documents.
+
 Ids
 ---
 Documents get the store's ids as strings (``Document.id`` is a string in LangChain). Ids you
@@ -56,7 +74,9 @@ SCORE_KEY = "m3_score"
 #: Metadata key of the per-representation scores in documents returned with scores.
 SCORES_KEY = "m3_scores"
 
-_PARAM_FIELDS = frozenset(f.name for f in dataclasses.fields(SearchParams))
+#: The fields of :class:`m3connect.SearchParams`, read from the dataclass (the search options).
+PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SearchParams))
+_PARAM_FIELDS = frozenset(PARAM_FIELDS)
 
 
 class M3VectorStore(VectorStore):
@@ -87,7 +107,8 @@ class M3VectorStore(VectorStore):
             whose final score is a cosine (dense, ColBERT, a ColBERT re-rank), and an error for
             others (RRF and lexical scores have no fixed range).
 
-    Search keyword arguments (any method that searches): ``k``, ``filter`` (a dict like
+    Search keyword arguments (any method that searches): ``k``, ``score_threshold`` (keep the
+    documents whose relevance, see the module documentation, is at least this), ``filter`` (a dict like
     ``{"lang": "en", "year": {"$gte": 2020}}``, a :class:`m3connect.Field` expression, or a
     database's ``RawFilter``) and the fields of :class:`m3connect.SearchParams`: ``mode``
     (``"dense"``, ``"sparse"``, ``"colbert"``, ``"hybrid"``), ``hybrid_legs``, ``fusion``
@@ -181,15 +202,21 @@ class M3VectorStore(VectorStore):
         return doc_ids  # type: ignore[return-value]
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
-        """Delete by ids, by ``filter=`` (documents matching it), or both. Unknown ids are
-        ignored."""
+        """Delete by ids, by ``filter=`` (documents matching it), or both; with neither, delete
+        every document (LangChain's contract). Unknown ids are ignored."""
         filter_ = _delete_filter(ids, kwargs)
-        self.store.delete(None if ids is None else id_list(ids), filter=filter_)
+        if ids is None and filter_ is None:
+            self.store.clear()
+        else:
+            self.store.delete(None if ids is None else id_list(ids), filter=filter_)
         return True
 
     async def adelete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
         filter_ = _delete_filter(ids, kwargs)
-        await self.async_store.delete(None if ids is None else id_list(ids), filter=filter_)
+        if ids is None and filter_ is None:
+            await self.async_store.clear()
+        else:
+            await self.async_store.delete(None if ids is None else id_list(ids), filter=filter_)
         return True
 
     def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
@@ -219,16 +246,25 @@ class M3VectorStore(VectorStore):
     def search_hits(self, query: str | M3Embedding, k: int | None = 4, **kwargs: Any) -> list[Hit]:
         """The m3connect :class:`~m3connect.Hit` s of a search (ids, final and
         per-representation scores, texts, metadata)."""
+        threshold = kwargs.pop("score_threshold", None)
         params = self.search_params_for(k, **kwargs)
-        return self.store.search(self._query_embedding(query), params)
+        hits = self.store.search(self._query_embedding(query), params)
+        return self._above(hits, params, threshold)
 
     async def asearch_hits(
         self, query: str | M3Embedding, k: int | None = 4, **kwargs: Any
     ) -> list[Hit]:
+        threshold = kwargs.pop("score_threshold", None)
         params = self.search_params_for(k, **kwargs)
         if isinstance(query, str):
             query = await self._embeddings.aembed_query_m3(query)
-        return await self.async_store.search(query, params)
+        return self._above(await self.async_store.search(query, params), params, threshold)
+
+    def _above(self, hits: list[Hit], params: SearchParams, threshold: float | None) -> list[Hit]:
+        if threshold is None:
+            return hits
+        relevance = self._relevance_fn(params)
+        return [h for h in hits if relevance(h.score) >= threshold]
 
     def similarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[Document]:
         """The ``k`` best documents for ``query`` (as stored, without scores)."""
@@ -287,16 +323,22 @@ class M3VectorStore(VectorStore):
         return [(doc, relevance(score)) for doc, score in pairs]
 
     def _relevance_fn(self, params: SearchParams) -> Callable[[float], float]:
+        """The final score's relevance in [0, 1] (see the module documentation)."""
         if self.relevance_score_fn is not None:
             return self.relevance_score_fn
         if _final_score_is_cosine(params):
-            return lambda score: min(1.0, max(0.0, (1.0 + score) / 2.0))
+            return lambda score: _clip((1.0 + score) / 2.0)
+        if params.rerank is None and params.mode == "hybrid" and params.fusion == "rrf":
+            best = len(params.legs) / (params.rrf_k + 1.0)  # first in every leg
+            return lambda score: _clip(score / best)
+        if params.rerank is None and params.mode == "hybrid" and params.fusion == "dbsf":
+            n_legs = len(params.legs)
+            return lambda score: _clip(score / n_legs)
         raise ValueError(
-            f"relevance scores in [0, 1] need a search whose final score is a cosine similarity "
-            f"(mode='dense' or 'colbert', rerank='colbert', or weighted fusion of dense and "
-            f"ColBERT); this search is mode={params.mode!r}, fusion={params.fusion!r}, "
-            f"rerank={params.rerank!r}. Pass relevance_score_fn= to M3VectorStore to map its "
-            "scores yourself."
+            f"relevance scores in [0, 1] need a final score with a fixed range (a cosine, RRF or "
+            f"DBSF fusion); lexical scores have none, and this search is mode={params.mode!r}, "
+            f"fusion={params.fusion!r}, rerank={params.rerank!r}, weights={params.weights}. "
+            "Pass relevance_score_fn= to M3VectorStore to map its scores yourself."
         )
 
     # --- maximal marginal relevance ---------------------------------------------------------
@@ -440,8 +482,6 @@ def _delete_filter(ids: list[str] | None, kwargs: dict[str, Any]) -> Any:
     filter_ = kwargs.pop("filter", None)
     if kwargs:
         raise TypeError(f"unknown delete option(s) {', '.join(sorted(kwargs))}; use ids or filter=")
-    if ids is None and filter_ is None:
-        raise ValueError("delete needs ids or filter=")
     return filter_
 
 
@@ -467,6 +507,10 @@ def _dense_only(kwargs: dict[str, Any]) -> dict[str, Any]:
     if mode != "dense" or kwargs.get("rerank") is not None:
         raise ValueError("a search by dense vector is a dense search: mode='dense', no rerank")
     return {**kwargs, "mode": "dense", "rerank": None}
+
+
+def _clip(value: float) -> float:
+    return min(1.0, max(0.0, value))
 
 
 def _final_score_is_cosine(params: SearchParams) -> bool:

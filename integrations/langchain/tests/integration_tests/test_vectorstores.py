@@ -59,24 +59,17 @@ def test_search_equals_the_stores_search(
     assert [doc.metadata for doc in docs] == [h.metadata for h in hits]  # no scores added
 
 
-def test_one_encoder_pass_fills_all_three(
-    store: InMemoryStore,
-    embeddings: M3Embeddings,
-    encoder: M3Encoder,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    calls: list[dict[str, Any]] = []
-    original = encoder.encode
+def test_one_encoder_pass_fills_all_three(store: InMemoryStore, encoder: M3Encoder) -> None:
+    from m3connect.testing import ForwardPassCounter
 
-    def counting_encode(texts: Any, **kwargs: Any) -> Any:
-        calls.append(kwargs)
-        return original(texts, **kwargs)
-
+    embeddings = M3Embeddings(encoder=encoder)  # a fresh cache
     vectorstore = M3VectorStore(store, embeddings)
-    monkeypatch.setattr(encoder, "encode", counting_encode)
-    ids = vectorstore.add_texts(TEXTS[:3], METADATAS[:3])
-    monkeypatch.undo()
-    assert len(calls) == 1 and not any(v is False for v in calls[0].values())
+    with ForwardPassCounter(encoder) as passes:
+        ids = vectorstore.add_texts(TEXTS[:3], METADATAS[:3])
+        assert passes.texts == 3
+        passes.reset()
+        vectorstore.similarity_search(QUERY, k=2, rerank="all")
+        assert passes.texts == 1
 
     expected = encoder.encode(TEXTS[:3])
     for i, record in enumerate(store.get(ids, with_vectors=True)):
@@ -118,10 +111,10 @@ def test_filters_and_delete(filled_vs: M3VectorStore, store: InMemoryStore) -> N
     )
     filled_vs.delete(["doc-0", "never-stored"])
     assert store.count() == 3
-    with pytest.raises(ValueError):
-        filled_vs.delete()
     with pytest.raises(TypeError):
         filled_vs.delete(["doc-1"], where="x")
+    filled_vs.delete()  # LangChain's contract: no ids, delete everything
+    assert store.count() == 0
 
 
 def test_search_by_vector_is_a_dense_search(
@@ -145,8 +138,17 @@ def test_relevance_scores(filled_vs: M3VectorStore, store: InMemoryStore) -> Non
         QUERY, k=3, mode="dense", score_threshold=threshold
     )
     assert len(kept) == 2
+    # The default hybrid search (RRF of dense and sparse, rrf_k=60): the fused score over the
+    # best one possible, 2 / 61.
+    pairs = filled_vs.similarity_search_with_relevance_scores(QUERY, k=3)
+    hits = store.search(QUERY, k=3)
+    assert [score for _, score in pairs] == pytest.approx([h.score * 61 / 2 for h in hits])
+    assert all(0 < score <= 1 for _, score in pairs)
+    pairs = filled_vs.similarity_search_with_relevance_scores(QUERY, k=3, fusion="dbsf")
+    hits = store.search(QUERY, k=3, fusion="dbsf")
+    assert [score for _, score in pairs] == pytest.approx([min(1, h.score / 2) for h in hits])
     with pytest.raises(ValueError, match="relevance_score_fn"):
-        filled_vs.similarity_search_with_relevance_scores(QUERY, k=3)  # RRF has no fixed range
+        filled_vs.similarity_search_with_relevance_scores(QUERY, k=3, mode="sparse")
     custom = M3VectorStore(store, filled_vs.embeddings, relevance_score_fn=lambda s: 0.5)
     assert [s for _, s in custom.similarity_search_with_relevance_scores(QUERY, k=2)] == [0.5, 0.5]
 
@@ -242,6 +244,29 @@ def test_langchain_indexing_api(store: InMemoryStore, embeddings: M3Embeddings) 
         docs[:3], manager, vectorstore, cleanup="full", source_id_key="source", key_encoder="sha256"
     )
     assert again["num_skipped"] == 3 and again["num_deleted"] == 1 and store.count() == 3
+
+
+def test_score_threshold_on_the_default_hybrid_search(
+    filled_vs: M3VectorStore, store: InMemoryStore
+) -> None:
+    hits = store.search(QUERY, k=8)
+    relevance = [h.score * 61 / 2 for h in hits]
+    threshold = (relevance[2] + relevance[3]) / 2
+    want = [str(h.id) for h, r in zip(hits, relevance) if r >= threshold]
+    assert len(want) == 3
+    assert _ids(filled_vs.similarity_search(QUERY, k=8, score_threshold=threshold)) == want
+    pairs = filled_vs.similarity_search_with_score(QUERY, k=8, score_threshold=threshold)
+    assert [doc.id for doc, _ in pairs] == want
+    retriever = filled_vs.as_retriever(
+        search_type="similarity_score_threshold",
+        search_kwargs={"k": 8, "score_threshold": threshold},
+    )
+    assert _ids(retriever.invoke(QUERY)) == want
+
+
+def test_sparse_search_may_return_fewer_than_k(filled_vs: M3VectorStore) -> None:
+    docs = filled_vs.similarity_search("北京", k=8, mode="sparse")
+    assert len(docs) < 8
 
 
 def test_a_bare_id_is_one_id(store: InMemoryStore, embeddings: M3Embeddings) -> None:

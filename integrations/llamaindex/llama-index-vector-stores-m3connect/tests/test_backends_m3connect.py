@@ -19,7 +19,7 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQuery,
     VectorStoreQueryMode,
 )
-from llama_index.embeddings.m3connect import M3Embedding
+from llama_index.embeddings.m3connect import M3ConnectEmbedding
 from llama_index.vector_stores.m3connect import SCORES_KEY, M3VectorStore
 
 from m3connect.encoder import M3Encoder
@@ -75,7 +75,7 @@ def _index(store: M3Store, encoder: M3Encoder) -> tuple[M3VectorStore, VectorSto
     index = VectorStoreIndex.from_documents(
         documents,
         storage_context=StorageContext.from_defaults(vector_store=vector_store),
-        embed_model=M3Embedding(encoder=encoder),
+        embed_model=M3ConnectEmbedding(encoder=encoder),
     )
     return vector_store, index
 

@@ -19,7 +19,7 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQueryMode,
 )
 from llama_index.core.vector_stores.utils import build_metadata_filter_fn
-from llama_index.embeddings.m3connect import M3Embedding
+from llama_index.embeddings.m3connect import M3ConnectEmbedding
 from llama_index.vector_stores.m3connect import SCORES_KEY, M3VectorStore, to_m3_filter
 
 from m3connect.encoder import M3Encoder
@@ -322,7 +322,7 @@ def test_vector_store_index_answers_and_deletes_by_ref_doc(
     index = VectorStoreIndex.from_documents(
         documents,
         storage_context=StorageContext.from_defaults(vector_store=vector_store),
-        embed_model=M3Embedding(encoder=encoder),
+        embed_model=M3ConnectEmbedding(encoder=encoder),
     )
     assert store.count() == len(TEXTS)
 
@@ -363,7 +363,10 @@ def test_needs_a_compatible_encoder(encoder: M3Encoder) -> None:
     other = InMemoryStore(fingerprint=ModelFingerprint("other", 16, 12, heads_sha256="b" * 64))
     with pytest.raises(FingerprintMismatchError):
         M3VectorStore(other, encoder=encoder)
-    assert M3VectorStore(InMemoryStore(), encoder=M3Embedding(encoder=encoder)).encoder is encoder
+    assert (
+        M3VectorStore(InMemoryStore(), encoder=M3ConnectEmbedding(encoder=encoder)).encoder
+        is encoder
+    )
     with pytest.raises(TypeError):
         M3VectorStore(InMemoryStore(), encoder="BAAI/bge-m3")
 
@@ -387,6 +390,95 @@ async def test_async_matches_sync(store: InMemoryStore) -> None:
     ]
     await vector_store.aclear()
     assert store.count() == 0
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+async def test_from_documents_encodes_each_node_once_with_the_embed_models_settings(
+    encoder: M3Encoder, use_async: bool
+) -> None:
+    from m3connect.testing import ForwardPassCounter
+
+    store = InMemoryStore(encoder=encoder)
+    embed_model = M3ConnectEmbedding(encoder=encoder, encode_kwargs={"max_length": 8})
+    vector_store = M3VectorStore(store, encoder=embed_model)
+    documents = [Document(text=t, metadata=m) for t, m in zip(TEXTS, METADATAS, strict=True)]
+    storage = StorageContext.from_defaults(vector_store=vector_store)
+    with ForwardPassCounter(encoder) as passes:
+        index = VectorStoreIndex.from_documents(
+            documents, storage_context=storage, embed_model=embed_model, use_async=use_async
+        )
+        assert store.count() == len(TEXTS)
+        assert passes.texts == len(TEXTS)
+        passes.reset()
+        retriever = index.as_retriever(vector_store_query_mode="hybrid", similarity_top_k=3)
+        got = await retriever.aretrieve(QUERY) if use_async else retriever.retrieve(QUERY)
+        assert passes.texts == 1 and len(got) == 3
+
+    # The embed model's encode_kwargs are the store's: max_length=8 keeps 7 ColBERT rows.
+    records = store.get([n.node_id for n in vector_store.get_nodes()], with_vectors=True)
+    assert records and all(r.embedding.colbert.shape[0] <= 7 for r in records)
+    node = vector_store.get_nodes()[0]
+    want = encoder.encode([node.get_content(metadata_mode=MetadataMode.EMBED)], max_length=8)
+    stored = store.get([node.node_id], with_vectors=True)[0].embedding
+    assert stored.sparse == want.sparse[0]
+    np.testing.assert_allclose(stored.dense, want.dense[0], atol=1e-6)
+
+
+def test_store_refuses_its_own_encode_kwargs_with_an_embed_model(encoder: M3Encoder) -> None:
+    with pytest.raises(ValueError, match="embed model"):
+        M3VectorStore(
+            InMemoryStore(),
+            encoder=M3ConnectEmbedding(encoder=encoder),
+            encode_kwargs={"max_length": 8},
+        )
+    with pytest.raises(TypeError, match="max_lenght"):
+        M3VectorStore(InMemoryStore(), encoder=encoder, encode_kwargs={"max_lenght": 8})
+
+
+def test_mmr_query_mode(vector_store: M3VectorStore, store: InMemoryStore) -> None:
+    from llama_index.core.indices.query.embedding_utils import get_top_k_mmr_embeddings
+
+    def mmr(threshold: float) -> list[str]:
+        query = VectorStoreQuery(query_str=QUERY, similarity_top_k=2, mode=VectorStoreQueryMode.MMR)
+        return _ids(vector_store.query(query, mmr_threshold=threshold))
+
+    # Relevance only: the dense ranking.
+    dense = store.search(QUERY, mode="dense", k=2)
+    assert mmr(1.0) == [str(h.id) for h in dense]
+    # Otherwise LlamaIndex's MMR over the 8 best candidates' stored dense vectors.
+    candidates = store.search(QUERY, mode="dense", k=8)
+    records = store.get([h.id for h in candidates], with_vectors=True)
+    query_dense = vector_store.encoder.encode_query(QUERY).dense
+    _, chosen = get_top_k_mmr_embeddings(
+        query_dense.tolist(),
+        [r.embedding.dense.tolist() for r in records],
+        similarity_top_k=2,
+        embedding_ids=[str(r.id) for r in records],
+        mmr_threshold=0.1,
+    )
+    assert mmr(0.1) == chosen
+    retriever = VectorStoreIndex.from_vector_store(
+        vector_store, embed_model=M3ConnectEmbedding(encoder=vector_store.encoder)
+    ).as_retriever(
+        vector_store_query_mode="mmr",
+        similarity_top_k=2,
+        vector_store_kwargs={"mmr_threshold": 0.1},
+    )
+    assert [n.node.node_id for n in retriever.retrieve(QUERY)] == chosen
+
+
+def test_get_nodes_and_clear_use_the_store_operations(
+    vector_store: M3VectorStore, store: InMemoryStore
+) -> None:
+    assert sorted(n.node_id for n in vector_store.get_nodes()) == sorted(
+        f"node-{i}" for i in range(len(TEXTS))
+    )
+    geo = MetadataFilters(filters=[MetadataFilter(key="topic", value="geo")])
+    assert {n.node_id for n in vector_store.get_nodes(filters=geo)} == {
+        str(r.id) for r in store.iter_records(filter={"topic": "geo"})
+    }
+    vector_store.clear()
+    assert store.count() == 0 and vector_store.get_nodes() == []
 
 
 def test_a_bare_node_id_is_one_id(vector_store: M3VectorStore, store: InMemoryStore) -> None:

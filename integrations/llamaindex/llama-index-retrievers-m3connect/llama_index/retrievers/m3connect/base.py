@@ -12,9 +12,9 @@ from llama_index.core.vector_stores.types import MetadataFilters
 from llama_index.vector_stores.m3connect import M3VectorStore, to_m3_filter
 
 from m3connect.filters import FilterLike
-from m3connect.fusion import DEFAULT_RRF_K
-from m3connect.scoring import DEFAULT_WEIGHTS
 from m3connect.store import FusionName, M3Store, Mode, RerankName, SearchParams
+
+_DEFAULTS = SearchParams()
 
 
 class M3HybridRetriever(BaseRetriever):
@@ -50,13 +50,13 @@ class M3HybridRetriever(BaseRetriever):
         *,
         encoder: Any = None,
         similarity_top_k: int = DEFAULT_SIMILARITY_TOP_K,
-        mode: Mode = "hybrid",
-        hybrid_legs: tuple[str, ...] = ("dense", "sparse"),
-        fusion: FusionName = "rrf",
-        rrf_k: float = DEFAULT_RRF_K,
-        weights: tuple[float, float, float] = DEFAULT_WEIGHTS,
+        mode: Mode = _DEFAULTS.mode,
+        hybrid_legs: tuple[str, ...] = _DEFAULTS.hybrid_legs,
+        fusion: FusionName = _DEFAULTS.fusion,
+        rrf_k: float = _DEFAULTS.rrf_k,
+        weights: tuple[float, float, float] = _DEFAULTS.weights,
         rerank: RerankName | None = "all",
-        candidates: int = 100,
+        candidates: int = _DEFAULTS.candidates,
         filters: MetadataFilters | FilterLike = None,
         callback_manager: CallbackManager | None = None,
         verbose: bool = False,

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from llama_index.core.bridge.pydantic import PrivateAttr
+from llama_index.core.indices.query.embedding_utils import get_top_k_mmr_embeddings
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, TextNode
 from llama_index.core.vector_stores.types import (
     BasePydanticVectorStore,
@@ -32,6 +33,7 @@ from llama_index.core.vector_stores.types import (
 )
 from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_metadata_dict
 
+from m3connect.cached_encoder import CachedEncoder
 from m3connect.encoder import M3Encoder
 from m3connect.filters import And, Eq, Field, Filter, FilterLike, In, Not, Or, Range, matches
 from m3connect.filters import parse_filter as parse_m3_filter
@@ -44,7 +46,6 @@ from m3connect.store import (
     SearchParams,
     id_list,
 )
-from m3connect.stores.memory import InMemoryStore
 from m3connect.types import M3Embedding, M3Output
 
 #: Metadata key of the per-representation scores on returned nodes.
@@ -57,9 +58,8 @@ _MODES = {
     VectorStoreQueryMode.TEXT_SEARCH: "sparse",
     VectorStoreQueryMode.HYBRID: "hybrid",
 }
-# A condition true for every document under the filter language's rules (a missing key makes
-# ``Eq`` false and its ``Not`` true): the way to address every document of any store.
-_EVERY_DOCUMENT = (Field("__m3connect__") == "") | (Field("__m3connect__") != "")
+#: How many candidates an MMR query reads per result (LlamaIndex's default prefetch factor).
+MMR_PREFETCH_FACTOR = 4
 
 
 class M3VectorStore(BasePydanticVectorStore):
@@ -85,28 +85,36 @@ class M3VectorStore(BasePydanticVectorStore):
     hybrid query ``hybrid_top_k`` (if set) and for a sparse one ``sparse_top_k`` (if set)
     replace ``similarity_top_k``. ``filters`` (``MetadataFilters``) become m3connect filters
     (see :func:`to_m3_filter`), ``doc_ids`` a condition on ``ref_doc_id``; ``node_ids``
-    restrict the search exactly to those nodes.
+    restrict the search exactly to those nodes. ``MMR`` reads ``similarity_top_k`` times
+    :data:`MMR_PREFETCH_FACTOR` candidates of the ``DEFAULT`` search and picks
+    ``similarity_top_k`` of them by maximal marginal relevance on the dense vectors
+    (``mmr_threshold``, from the query or the retriever's ``vector_store_kwargs``). A sparse
+    search returns only the nodes that share at least one token with the query, so it can
+    return fewer than ``similarity_top_k`` nodes.
 
     The store encodes queries itself (``is_embedding_query`` is ``False``): all three
     representations come from the query text, so a retriever needs no ``embed_model`` call.
     :meth:`add` encodes each node's text (with its embed metadata, as LlamaIndex embeds it)
     once for all three representations; a precomputed ``node.embedding`` is not used, since the
-    dense vector must come from the same model and pass as the other two. Adding chunked nodes
-    with ``vector_store.add(nodes)`` encodes each text once; ``VectorStoreIndex.from_documents``
-    and ``IngestionPipeline(vector_store=...)`` run their own embedding step first (give them
-    ``M3Embedding``), which costs a second pass.
+    dense vector must come from the same model and pass as the other two. Give the store the
+    embed model that ``VectorStoreIndex.from_documents`` or ``IngestionPipeline`` embed with
+    (an ``M3ConnectEmbedding``, as ``encoder``): the store then shares its settings
+    (``encode_kwargs``, ``query_encode_kwargs``) and its output cache, the embed model's pass
+    computes all three representations, and :meth:`add` finds them there: one forward pass
+    per node.
 
     Args:
         store: any :class:`m3connect.M3Store`.
-        encoder: the :class:`m3connect.M3Encoder` (or an object with an ``encoder``
-            attribute, such as ``llama_index.embeddings.m3connect.M3Embedding``); by default the
-            store's own.
+        encoder: the ``llama_index.embeddings.m3connect.M3ConnectEmbedding`` that LlamaIndex
+            embeds with (its settings and output cache are shared), or an
+            :class:`m3connect.M3Encoder`; by default the store's own encoder.
         search_params: the default :class:`m3connect.SearchParams` (its ``k`` is replaced by
             the query's top k).
         async_store: an :class:`m3connect.AsyncM3Store` over the same collection for the async
             methods; by default the sync store run in worker threads.
         flat_metadata: refuse nested metadata values (for databases that need flat fields).
-        encode_kwargs: keyword arguments of :meth:`M3Encoder.encode` for node texts.
+        encode_kwargs: keyword arguments of :meth:`M3Encoder.encode` for node texts, when
+            ``encoder`` is an ``M3Encoder`` (an embed model brings its own).
     """
 
     stores_text: bool = True
@@ -115,9 +123,8 @@ class M3VectorStore(BasePydanticVectorStore):
 
     _store: M3Store = PrivateAttr()
     _async_store: AsyncM3Store = PrivateAttr()
-    _encoder: M3Encoder = PrivateAttr()
+    _cached: CachedEncoder = PrivateAttr()
     _search_params: SearchParams = PrivateAttr()
-    _encode_kwargs: dict[str, Any] = PrivateAttr()
 
     def __init__(
         self,
@@ -132,14 +139,16 @@ class M3VectorStore(BasePydanticVectorStore):
         super().__init__(stores_text=True, flat_metadata=flat_metadata)
         if not isinstance(store, M3Store):
             raise TypeError(f"store must be an m3connect M3Store, got {type(store).__name__}")
-        resolved = _resolve_encoder(encoder if encoder is not None else store.encoder)
+        cached = _resolve_encoder(encoder if encoder is not None else store.encoder, encode_kwargs)
+        # An embed model's pass (VectorStoreIndex embeds nodes before add) computes all three.
+        cached.need("dense", "sparse", "colbert")
+        resolved = cached.encoder
         if store.fingerprint is not None and resolved is not store.encoder:
             resolved.fingerprint.check_compatible(store.fingerprint, f"the {type(store).__name__}")
         self._store = store
         self._async_store = async_store or AsyncStoreAdapter(store)
-        self._encoder = resolved
+        self._cached = cached
         self._search_params = search_params or SearchParams(mode="dense")
-        self._encode_kwargs = dict(encode_kwargs or {})
 
     @classmethod
     def class_name(cls) -> str:
@@ -152,7 +161,12 @@ class M3VectorStore(BasePydanticVectorStore):
 
     @property
     def encoder(self) -> M3Encoder:
-        return self._encoder
+        return self._cached.encoder
+
+    @property
+    def cached_encoder(self) -> CachedEncoder:
+        """The encoder with its settings and output cache (an embed model's, when given one)."""
+        return self._cached
 
     @property
     def search_params(self) -> SearchParams:
@@ -179,7 +193,7 @@ class M3VectorStore(BasePydanticVectorStore):
         if not nodes:
             return []
         ids, to_encode, texts, metadatas = self._prepare(nodes)
-        output = self._encoder.encode(to_encode, **self._encode_kwargs)
+        output = self._cached.encode_documents(to_encode)
         self._store.add(ids, output, texts=texts, metadatas=metadatas)
         return ids
 
@@ -187,9 +201,7 @@ class M3VectorStore(BasePydanticVectorStore):
         if not nodes:
             return []
         ids, to_encode, texts, metadatas = self._prepare(nodes)
-        output: M3Output = await asyncio.to_thread(
-            self._encoder.encode, to_encode, **self._encode_kwargs
-        )
+        output: M3Output = await asyncio.to_thread(self._cached.encode_documents, to_encode)
         await self._async_store.add(ids, output, texts=texts, metadatas=metadatas)
         return ids
 
@@ -229,21 +241,18 @@ class M3VectorStore(BasePydanticVectorStore):
 
     def clear(self) -> None:
         """Delete every node of the store."""
-        self._store.delete(filter=_EVERY_DOCUMENT)
+        self._store.clear()
 
     async def aclear(self) -> None:
-        await self._async_store.delete(filter=_EVERY_DOCUMENT)
+        await self._async_store.clear()
 
     # --- reading ------------------------------------------------------------------------------
 
     def get_nodes(
         self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None
     ) -> list[BaseNode]:
-        """The stored nodes among ``node_ids`` (in that order) and/or matching ``filters``.
-
-        Without ``node_ids``, all matching nodes are listed through a search of the whole
-        store (databases cap a search's size: about 10,000 in Elasticsearch, 16,384 in Milvus).
-        """
+        """The stored nodes among ``node_ids`` (in that order) and/or matching ``filters``;
+        without ``node_ids``, every matching node (read in batches, no cap)."""
         condition = to_m3_filter(filters)
         if node_ids is not None:
             records = self._store.get(id_list(node_ids))
@@ -252,27 +261,15 @@ class M3VectorStore(BasePydanticVectorStore):
                 for r in records
                 if matches(condition, r.metadata)
             ]
-        total = self._store.count(filter=condition)
-        if total == 0:
-            return []
-        hits = self._store.search(self._scan_query(), mode="dense", k=total, filter=condition)
-        return [record_to_node(h.id, h.text, h.metadata) for h in hits]
+        return [
+            record_to_node(r.id, r.text, r.metadata)
+            for r in self._store.iter_records(filter=condition)
+        ]
 
     async def aget_nodes(
         self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None
     ) -> list[BaseNode]:
         return await asyncio.to_thread(self.get_nodes, node_ids, filters)
-
-    def _scan_query(self) -> M3Embedding:
-        # Any unit vector: every document is returned, the order does not matter.
-        dim = (
-            self._store.fingerprint.dense_dim
-            if self._store.fingerprint
-            else self._encoder.dense_dim
-        )
-        dense = np.zeros(dim, dtype=np.float32)
-        dense[0] = 1.0
-        return M3Embedding(dense=dense)
 
     # --- searching ------------------------------------------------------------------------
 
@@ -280,20 +277,22 @@ class M3VectorStore(BasePydanticVectorStore):
         """The :class:`SearchParams` that ``query`` runs (``node_ids`` aside)."""
         base = self._search_params
         query_mode = VectorStoreQueryMode(query.mode)
-        if query_mode == VectorStoreQueryMode.DEFAULT:
+        if query_mode in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.MMR):
             mode = base.mode
         elif query_mode in _MODES:
             mode = _MODES[query_mode]
         else:
             raise NotImplementedError(
                 f"M3VectorStore does not support query mode {query_mode.value!r}; use default, "
-                "sparse, text_search or hybrid"
+                "sparse, text_search, hybrid or mmr"
             )
         k = query.similarity_top_k
         if mode == "hybrid" and query.hybrid_top_k:
             k = query.hybrid_top_k
         elif mode == "sparse" and query.sparse_top_k:
             k = query.sparse_top_k
+        if query_mode == VectorStoreQueryMode.MMR:
+            k *= MMR_PREFETCH_FACTOR  # the candidates MMR picks from
         overrides: dict[str, Any] = {"mode": mode, "k": k}
         if mode == "hybrid" and query.alpha is not None:
             if not 0.0 <= query.alpha <= 1.0:
@@ -317,6 +316,9 @@ class M3VectorStore(BasePydanticVectorStore):
             hits = self._search_within(query.node_ids, embedding, params)
         else:
             hits = self._store.search(embedding, params)
+        if VectorStoreQueryMode(query.mode) == VectorStoreQueryMode.MMR:
+            records = self._store.get([h.id for h in hits], with_vectors=True)
+            return _select_mmr(query, kwargs, embedding, hits, records)
         return hits_to_result(hits)
 
     async def aquery(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
@@ -324,7 +326,11 @@ class M3VectorStore(BasePydanticVectorStore):
             return await asyncio.to_thread(self.query, query, **kwargs)
         params = self.query_params(query)
         embedding = await asyncio.to_thread(self._query_embedding, query, params)
-        return hits_to_result(await self._async_store.search(embedding, params))
+        hits = await self._async_store.search(embedding, params)
+        if VectorStoreQueryMode(query.mode) == VectorStoreQueryMode.MMR:
+            records = await self._async_store.get([h.id for h in hits], with_vectors=True)
+            return _select_mmr(query, kwargs, embedding, hits, records)
+        return hits_to_result(hits)
 
     def search(
         self, query: str | M3Embedding, params: SearchParams | None = None, **overrides: Any
@@ -355,11 +361,11 @@ class M3VectorStore(BasePydanticVectorStore):
     def _encode(self, query: str | M3Embedding) -> M3Embedding:
         if isinstance(query, M3Embedding):
             return query
-        return self._encoder.encode_query(query)
+        return self._cached.encode_query(query)
 
     def _query_embedding(self, query: VectorStoreQuery, params: SearchParams) -> M3Embedding:
         if query.query_str is not None:
-            return self._encoder.encode_query(query.query_str)
+            return self._cached.encode_query(query.query_str)
         if query.query_embedding is not None:
             if params.scored_parts != ("dense",):
                 raise ValueError(
@@ -372,29 +378,57 @@ class M3VectorStore(BasePydanticVectorStore):
     def _search_within(
         self, node_ids: Sequence[str], embedding: M3Embedding, params: SearchParams
     ) -> list[Hit]:
-        """The exact search restricted to ``node_ids``: the contract's answer over those nodes,
-        computed by the reference store."""
-        records: list[Record] = self._store.get(list(dict.fromkeys(node_ids)), with_vectors=True)
-        subset = InMemoryStore(fingerprint=self._store.fingerprint)
-        if records:
-            subset.add(
-                [r.id for r in records],
-                M3Output.from_embeddings([r.embedding for r in records]),  # type: ignore[misc]
-                texts=[r.text for r in records],
-                metadatas=[r.metadata for r in records],
-            )
-        return subset.search(embedding, params)
+        """The exact search restricted to ``node_ids`` (the store's :meth:`search_within`)."""
+        return self._store.search_within(node_ids, embedding, params)
 
 
 # --- conversions -------------------------------------------------------------------------------
 
 
-def _resolve_encoder(encoder: Any) -> M3Encoder:
+def _select_mmr(
+    query: VectorStoreQuery,
+    kwargs: dict[str, Any],
+    embedding: M3Embedding,
+    hits: Sequence[Hit],
+    records: Sequence[Record],
+) -> VectorStoreQueryResult:
+    """Maximal marginal relevance (LlamaIndex's own selection, on the dense vectors) over the
+    candidates ``hits``; ``mmr_threshold`` (0: most diverse, 1: most relevant; default 0.5)
+    comes from the query or the retriever's ``vector_store_kwargs``."""
+    if embedding.dense is None:
+        raise ValueError("maximal marginal relevance needs the query's dense vector")
+    by_key = {(type(r.id), r.id): r for r in records}
+    kept = [h for h in hits if (type(h.id), h.id) in by_key]
+    if not kept:
+        return hits_to_result([])
+    threshold = kwargs.get("mmr_threshold", query.mmr_threshold)
+    scores, chosen = get_top_k_mmr_embeddings(
+        np.asarray(embedding.dense, dtype=np.float32).tolist(),
+        [np.asarray(by_key[(type(h.id), h.id)].embedding.dense).tolist() for h in kept],  # type: ignore[union-attr]
+        similarity_top_k=query.similarity_top_k,
+        embedding_ids=list(range(len(kept))),
+        mmr_threshold=threshold,
+    )
+    nodes = [hit_to_node(kept[i]) for i in chosen]
+    return VectorStoreQueryResult(
+        nodes=nodes, similarities=list(scores), ids=[n.node_id for n in nodes]
+    )
+
+
+def _resolve_encoder(encoder: Any, encode_kwargs: dict[str, Any] | None) -> CachedEncoder:
     if isinstance(encoder, M3Encoder):
-        return encoder
+        return CachedEncoder(encoder, encode_kwargs=encode_kwargs)
+    cached = getattr(encoder, "cached_encoder", None)
+    if isinstance(cached, CachedEncoder):
+        if encode_kwargs:
+            raise ValueError(
+                "encode_kwargs go to the embed model (M3ConnectEmbedding(encode_kwargs=...)) when "
+                "the store is given one: it encodes with the embed model's settings"
+            )
+        return cached
     inner = getattr(encoder, "encoder", None)
     if isinstance(inner, M3Encoder):
-        return inner
+        return CachedEncoder(inner, encode_kwargs=encode_kwargs)
     if encoder is None:
         raise ValueError(
             "M3VectorStore needs an encoder: pass encoder=M3Encoder.from_pretrained(...) (or an "
