@@ -844,3 +844,21 @@ def test_the_issue_15_batch_is_refused_before_any_write(make_store, client):
     if client.has_collection(store.companion):
         rows = client.query(store.companion, filter="pos >= 0", output_fields=["count(*)"])
         assert rows[0]["count(*)"] == 0
+
+
+def test_finish_seals_both_collections_once_with_the_same_answers(make_store, monkeypatch):
+    store, reference = filled_pair(make_store, batch_size=4)
+    flushed: list[str] = []
+    real_flush = store.client.flush
+    monkeypatch.setattr(
+        store.client, "flush", lambda name, **kw: flushed.append(name) or real_flush(name, **kw)
+    )
+    store.finish()
+    assert sorted(flushed) == sorted([store.collection, store.companion])
+    for query in synthetic_queries(synthetic_corpus()[1])[:2]:
+        for params in (SearchParams(mode="colbert", k=5), SearchParams(rerank="all", k=5)):
+            extended = reference.search(query, params.with_overrides(k=10))
+            assert_same_hits(
+                store.search(query, params), reference.search(query, params), extended, 1e-5
+            )
+    assert store.count() == reference.count()

@@ -955,10 +955,6 @@ class _MilvusCore(StoreBase):
         if batch:
             yield batch
 
-    def _rows_per_query(self) -> int:
-        dim = self.fingerprint.colbert_dim if self.fingerprint else 1024
-        return max(1, min(MILVUS_TOPK_MAX, READ_BYTES // (4 * dim)))
-
     # --- writing --------------------------------------------------------------------------------
 
     def _add(
@@ -1873,6 +1869,15 @@ class MilvusStore(_MilvusCore, M3Store):
 
     def _search(self, query: M3Embedding, params: SearchParams) -> list[Hit]:  # type: ignore[override]
         return self._run(_MilvusCore._search(self, query, params))
+
+    def finish(self) -> None:
+        """Seal what a write job wrote, once at its end: Milvus (Lite especially, about 4x)
+        searches growing segments far more slowly than sealed ones."""
+        if not self._exists:
+            return
+        for name in (self.collection, self.companion):
+            if self.client.has_collection(name):
+                self.client.flush(name)
 
     def close(self) -> None:
         if self._owns_client:
