@@ -406,11 +406,17 @@ def test_eval_progress(tmp_path, m3_checkpoint) -> None:
 def test_make_demo_installs_once(tmp_path) -> None:
     if subprocess.run(["make", "--version"], capture_output=True).returncode != 0:
         pytest.skip("no make")
-    command = ["make", "-n", "demo", f"STAMPS={tmp_path}", "MODEL=random"]
-    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    command = ["make", "-n", "--no-print-directory", "demo", f"STAMPS={tmp_path}", "MODEL=random"]
+    # Under `make test` the outer make's settings reach this one through the environment.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    first = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, check=True, env=env
+    ).stdout
     assert "pip install" in first
     (tmp_path / "install").touch()  # what the first run leaves (newer than pyproject.toml)
-    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    again = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, check=True, env=env
+    ).stdout
     assert "pip install" not in again
     assert again.strip().endswith('-m m3connect demo --model "random"')
 
