@@ -1274,7 +1274,40 @@ class _ClientStoreBase(_QdrantBase):
         return self._dialect.point(RESERVED_POINT_ID, {}, {METADATA_KEY: self._info_payload()})
 
 
-class QdrantStore(_ClientStoreBase, M3Store):
+class _SyncWrites(_QdrantBase):
+    """What the two sync stores (client and qdrant-edge) share: attach on first use, and an add
+    under the write protocol (a failed multi-request add is undone)."""
+
+    def _ensure(self) -> bool:
+        if not self._ready:
+            self._attach()
+        return self._ready
+
+    def add(
+        self,
+        ids: Sequence[DocId],
+        embeddings: M3Output,
+        texts: Sequence[str | None] | None = None,
+        metadatas: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> None:
+        batch = self._prepare(ids, embeddings, texts, metadatas)
+        if not batch.ids:
+            return
+        if not self._ready:
+            self._fingerprint_known = True  # learned from this batch
+            self._attach()
+        run_direct(
+            write_or_roll_back(
+                batch,
+                self._write_points,  # type: ignore[attr-defined]
+                direct(lambda ids: self.get(ids, with_vectors=True)),  # type: ignore[attr-defined]
+                direct(self.delete),  # type: ignore[attr-defined]
+                atomic=self._one_request(batch),
+            )
+        )
+
+
+class QdrantStore(_SyncWrites, _ClientStoreBase, M3Store):
     """A BGE-M3 store in a Qdrant collection, through :class:`qdrant_client.QdrantClient`.
 
     ``client``: a ``QdrantClient`` (server URL, Qdrant Cloud, ``":memory:"`` or ``path=``);
@@ -1352,36 +1385,6 @@ class QdrantStore(_ClientStoreBase, M3Store):
                 pass
         self.client.upsert(self.collection, [self._reserved_point()], wait=True)
         self._reserved = True
-
-    def _ensure(self) -> bool:
-        if not self._ready:
-            self._attach()
-        return self._ready
-
-    # --- writing --------------------------------------------------------------------------
-
-    def add(
-        self,
-        ids: Sequence[DocId],
-        embeddings: M3Output,
-        texts: Sequence[str | None] | None = None,
-        metadatas: Sequence[Mapping[str, Any] | None] | None = None,
-    ) -> None:
-        batch = self._prepare(ids, embeddings, texts, metadatas)
-        if not batch.ids:
-            return
-        if not self._ready:
-            self._fingerprint_known = True  # learned from this batch
-            self._attach()
-        run_direct(
-            write_or_roll_back(
-                batch,
-                self._write_points,
-                direct(lambda ids: self.get(ids, with_vectors=True)),
-                direct(self.delete),
-                atomic=self._one_request(batch),
-            )
-        )
 
     def _write_points(self, batch: PreparedBatch) -> Generator[Any, Any, None]:
         yield from ()
@@ -1668,7 +1671,7 @@ class AsyncQdrantStore(_ClientStoreBase, AsyncM3Store):
 # --- qdrant-edge ---------------------------------------------------------------------------------
 
 
-class QdrantEdgeStore(_QdrantBase, M3Store):
+class QdrantEdgeStore(_SyncWrites, M3Store):
     """A BGE-M3 store in a ``qdrant_edge.EdgeShard``: the Qdrant engine in this process.
 
     ``path`` is the shard's folder: loaded (and checked) when it holds a shard, else created on
@@ -1770,34 +1773,6 @@ class QdrantEdgeStore(_QdrantBase, M3Store):
         point = self._dialect.point(RESERVED_POINT_ID, {}, {METADATA_KEY: self._info_payload()})
         self.shard.update(self._dialect.e.UpdateOperation.upsert_points([point]))
         self._reserved = True
-
-    def _ensure(self) -> bool:
-        if not self._ready:
-            self._attach()
-        return self._ready
-
-    def add(
-        self,
-        ids: Sequence[DocId],
-        embeddings: M3Output,
-        texts: Sequence[str | None] | None = None,
-        metadatas: Sequence[Mapping[str, Any] | None] | None = None,
-    ) -> None:
-        batch = self._prepare(ids, embeddings, texts, metadatas)
-        if not batch.ids:
-            return
-        if not self._ready:
-            self._fingerprint_known = True
-            self._attach()
-        run_direct(
-            write_or_roll_back(
-                batch,
-                self._write_points,
-                direct(lambda ids: self.get(ids, with_vectors=True)),
-                direct(self.delete),
-                atomic=self._one_request(batch),
-            )
-        )
 
     def _write_points(self, batch: PreparedBatch) -> Generator[Any, Any, None]:
         yield from ()
