@@ -116,18 +116,19 @@ def _block_matrix(docs: Sequence[np.ndarray], rows: int, dim: int) -> np.ndarray
     if torch is not None and all(
         isinstance(doc, np.ndarray) and doc.dtype == np.float16 for doc in docs
     ):
-        half = _scratch_rows("float16", rows, dim)
-        at = 0
-        for doc in docs:
-            half[at : at + len(doc)] = doc  # a plain copy
-            at += len(doc)
+        half = _pack_rows(docs, _scratch_rows("float16", rows, dim))  # a plain copy
         _float16_to_float32(torch, half, matrix)
         return matrix
+    return _pack_rows(docs, matrix)  # any dtype -> float32, once
+
+
+def _pack_rows(docs: Sequence[np.ndarray], out: np.ndarray) -> np.ndarray:
+    """The documents' rows one after another into ``out``."""
     at = 0
     for doc in docs:
-        matrix[at : at + len(doc)] = doc  # any dtype -> float32, once
+        out[at : at + len(doc)] = doc
         at += len(doc)
-    return matrix
+    return out
 
 
 def _float16_to_float32(torch, half: np.ndarray, out: np.ndarray) -> None:  # type: ignore[no-untyped-def]

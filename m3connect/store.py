@@ -503,12 +503,14 @@ class AsyncM3Store(StoreBase, ABC):
         self, query: str | M3Embedding, params: SearchParams | None = None, **overrides: Any
     ) -> list[Hit]:
         params = self._resolve_params(params, overrides)
-        embedding = (
-            query
-            if isinstance(query, M3Embedding)
-            else await asyncio.to_thread(self._encode_query, query)
-        )
-        return await self._search(self.check_query(embedding, params), params)
+        embedding = self.check_query(await self._encode_query_async(query), params)
+        return await self._search(embedding, params)
+
+    async def _encode_query_async(self, query: str | M3Embedding) -> M3Embedding:
+        if isinstance(query, M3Embedding):
+            return query
+        # Encoding is CPU/GPU-bound: keep the event loop free while it runs.
+        return await asyncio.to_thread(self._encode_query, query)
 
     async def search_within(
         self,
@@ -519,12 +521,7 @@ class AsyncM3Store(StoreBase, ABC):
     ) -> list[Hit]:
         """See :meth:`M3Store.search_within`."""
         params = self._resolve_params(params, overrides)
-        embedding = (
-            query
-            if isinstance(query, M3Embedding)
-            else await asyncio.to_thread(self._encode_query, query)
-        )
-        embedding = self.check_query(embedding, params)
+        embedding = self.check_query(await self._encode_query_async(query), params)
         records = await self.get(_unique_ids(ids), with_vectors=True)
         return search_records(records, embedding, params)
 
