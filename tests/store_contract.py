@@ -221,6 +221,25 @@ BAD_SPARSE: dict[str, dict[Any, float]] = {
 }
 
 
+def assert_answers_like_the_reference(
+    store: M3Store, searches: Sequence[SearchParams], tol: float = 1e-4, context: Any = None
+) -> None:
+    """Fill ``store`` and the reference store with the contract corpus, then every search of
+    ``searches`` on every contract query gives the reference's ids, in order, and scores
+    within ``tol`` (the live-server samples: a server adds no ties to the small corpus)."""
+    reference = InMemoryStore(fingerprint=FINGERPRINT)
+    ids, embeddings, texts, metadatas = synthetic_corpus()
+    for target in (store, reference):
+        target.add(ids, embeddings, texts, metadatas)
+    assert store.count() == reference.count()
+    for query in synthetic_queries(embeddings):
+        for params in searches:
+            expected = reference.search(query, params)
+            got = store.search(query, params)
+            assert [h.id for h in got] == [h.id for h in expected], (params, context)
+            assert [h.score for h in got] == pytest.approx([h.score for h in expected], abs=tol)
+
+
 @contextlib.contextmanager
 def failing_calls(
     owner: Any, attr: str, methods: set[str], step: int, error: Callable[[], Exception]

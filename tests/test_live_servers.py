@@ -13,13 +13,12 @@ import uuid
 
 import pytest
 from click.testing import CliRunner
-from store_contract import FINGERPRINT, synthetic_corpus, synthetic_queries
+from store_contract import FINGERPRINT, assert_answers_like_the_reference
 from test_indexing import MAX_TOKENS, write_corpus
 
 from m3connect.cli import main
 from m3connect.indexing import drop_collection
 from m3connect.store import SearchParams
-from m3connect.stores.memory import InMemoryStore
 
 pytestmark = pytest.mark.live
 
@@ -38,13 +37,9 @@ def test_qdrant_server_answers_like_the_reference() -> None:
     name = f"m3connect_live_{uuid.uuid4().hex[:8]}"
     try:
         store = QdrantStore(client, name, fingerprint=FINGERPRINT)
-        reference = InMemoryStore(fingerprint=FINGERPRINT)
-        ids, embeddings, texts, metadatas = synthetic_corpus()
-        for target in (store, reference):
-            target.add(ids, embeddings, texts, metadatas)
-        assert store.count() == reference.count()
-        for query in synthetic_queries(embeddings):
-            for params in (
+        assert_answers_like_the_reference(
+            store,
+            [
                 SearchParams(mode="dense", k=5),
                 SearchParams(mode="sparse", k=5),
                 SearchParams(mode="colbert", k=5),
@@ -52,13 +47,8 @@ def test_qdrant_server_answers_like_the_reference() -> None:
                 SearchParams(mode="hybrid", k=5, rrf_k=12.5),  # weighted RRF: >= 1.17
                 SearchParams(mode="hybrid", fusion="weighted", k=5),  # FormulaQuery: >= 1.14
                 SearchParams(mode="hybrid", rerank="all", k=5, filter={"lang": "ko"}),
-            ):
-                expected = reference.search(query, params)
-                got = store.search(query, params)
-                assert [h.id for h in got] == [h.id for h in expected], params
-                assert [h.score for h in got] == pytest.approx(
-                    [h.score for h in expected], abs=1e-4
-                )
+            ],
+        )
     finally:
         if client.collection_exists(name):
             client.delete_collection(name)

@@ -19,6 +19,7 @@ from store_contract import (
     FILTERS,
     FINGERPRINT,
     StoreContract,
+    assert_answers_like_the_reference,
     assert_same_hits,
     failing_calls,
     synthetic_corpus,
@@ -806,25 +807,17 @@ def test_live_server_contract_sample():
     name = f"m3connect_live_{uuid.uuid4().hex[:8]}"
     try:
         store = MilvusStore(client, name, fingerprint=FINGERPRINT)
-        reference = InMemoryStore(fingerprint=FINGERPRINT)
-        ids, embeddings, texts, metadatas = synthetic_corpus()
-        for target in (store, reference):
-            target.add(ids, embeddings, texts, metadatas)
-        assert store.count() == reference.count()
-        for query in synthetic_queries(embeddings):
-            for params in (
+        assert_answers_like_the_reference(
+            store,
+            [
                 SearchParams(mode="dense", k=5),
                 SearchParams(mode="sparse", k=5),
                 SearchParams(mode="hybrid", k=5),
                 SearchParams(mode="hybrid", rerank="all", k=5, filter={"lang": "ko"}),
                 SearchParams(mode="colbert", k=5),
-            ):
-                expected = reference.search(query, params)
-                got = store.search(query, params)
-                assert [h.id for h in got] == [h.id for h in expected], (params, store.layout)
-                assert [h.score for h in got] == pytest.approx(
-                    [h.score for h in expected], abs=1e-4
-                )
+            ],
+            context=store.layout,
+        )
     finally:
         for collection in (name, name + "__colbert"):
             if client.has_collection(collection):
