@@ -25,6 +25,10 @@ Baselines measured in the same run:
 - ``raw-edge``: qdrant-edge fed the same points directly, in the fastest form its binding takes
   (``Point`` of nested Python lists: ``ndarray.tolist()``; numpy arrays go through the sequence
   protocol element by element and are ~2x slower), same steps, then flush + optimize;
+- ``raw-milvus``: Milvus Lite fed the rows MilvusStore writes (document rows and companion
+  ColBERT token rows, the same schemas and indexes) with plain pymilvus ``insert`` calls, same
+  steps, then one flush of each collection; it writes as many documents as the ``milvus``
+  worker did (its ``--time-cap``), so the two rates compare the same sizes;
 - ``floor``: numpy MaxSim (one float32 BLAS product, masked max, mean) over rows already in
   memory as one float32 array: for a re-rank, the 100 candidates of each query; for
   ``mode="colbert"``, every document's rows (measured on a block of at most 2,000 documents and
@@ -227,6 +231,14 @@ def worker(args: argparse.Namespace) -> dict:
         result["ingest"] = raw_edge(corpus, args.n, tmp / "raw-edge")
         result["peak_rss_gb"] = peak_rss_gb()
         return result
+    if kind == "raw-milvus":
+        # As many documents as the milvus worker wrote (its time cap), so the rates compare
+        # the same collection sizes; alone, the time cap applies here too.
+        docs = args.ingest_docs or args.n
+        cap = None if args.ingest_docs else args.time_cap
+        result["ingest"] = raw_milvus(corpus, docs, tmp / "raw-milvus.db", cap)
+        result["peak_rss_gb"] = peak_rss_gb()
+        return result
     n = args.n
     if kind == "memory":
         from m3connect.stores.memory import InMemoryStore
@@ -338,6 +350,105 @@ def raw_edge(corpus: Corpus, n: int, path: Path) -> dict:
     return {"docs": n, "rate": n / seconds, "rate_first_1k": first_k_rate, "finish_s": finish_s}
 
 
+def raw_milvus(corpus: Corpus, n: int, path: Path, time_cap: float | None) -> dict:
+    """Milvus Lite fed directly with plain pymilvus calls: the collections MilvusStore creates
+    on Lite (the companion layout: a document collection and one token row per ColBERT vector,
+    the same schemas, FLAT / SPARSE_INVERTED_INDEX IP indexes, Strong consistency), the same
+    rows (float16 ColBERT values widened to the float32 vector field, the same pk, text,
+    metadata and filter JSON), same steps; rows as dicts of Python lists (pymilvus turns numpy
+    vectors into lists anyway), a plain ``insert`` of new rows, tokens in the fewest requests
+    the message limit allows; both collections flushed once at the end."""
+    import uuid
+
+    from pymilvus import DataType, MilvusClient
+
+    client = MilvusClient(str(path))
+    main, tokens = "bench", "bench__colbert"
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=65535)
+    schema.add_field("dense", DataType.FLOAT_VECTOR, dim=DIM)
+    schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+    schema.add_field("text", DataType.VARCHAR, max_length=65535, nullable=True)
+    schema.add_field(
+        "text_more",
+        DataType.ARRAY,
+        element_type=DataType.VARCHAR,
+        max_length=65535,
+        max_capacity=4096,
+    )
+    schema.add_field("metadata", DataType.JSON)
+    schema.add_field("filter_values", DataType.JSON)
+    schema.add_field("colbert_gen", DataType.VARCHAR, max_length=64)
+    schema.add_field("colbert_len", DataType.INT64)
+    main_index = MilvusClient.prepare_index_params()
+    main_index.add_index("dense", index_type="FLAT", metric_type="IP", params={})
+    main_index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
+    token_schema = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
+    token_schema.add_field("id", DataType.INT64, is_primary=True, auto_id=True)
+    token_schema.add_field("doc", DataType.VARCHAR, max_length=65535)
+    token_schema.add_field("gen", DataType.VARCHAR, max_length=64)
+    token_schema.add_field("pos", DataType.INT64)
+    token_schema.add_field("vec", DataType.FLOAT_VECTOR, dim=DIM)
+    token_index = MilvusClient.prepare_index_params()
+    token_index.add_index("vec", index_type="FLAT", metric_type="IP", params={})
+    for name, sch, index in ((tokens, token_schema, token_index), (main, schema, main_index)):
+        client.create_collection(name, schema=sch, consistency_level="Strong")
+        # (Lite lacks the RPC pymilvus waits for an index with: create it without waiting.)
+        client.create_index(name, index_params=index, sync=False)
+        client.load_collection(name)
+    # Tokens per request: as many as fit well under the 256 MiB message limit.
+    per_request = (192 << 20) // (4 * DIM + 64)
+    started = time.perf_counter()
+    first_k_rate = None
+    done = 0
+    for start in range(0, n, STEP):
+        stop = min(n, start + STEP)
+        ids, output, texts, metas = corpus.step(start, stop)
+        gen = uuid.uuid4().hex
+        rows, token_rows = [], []
+        for i, doc_id in enumerate(ids):
+            pk = "s:" + doc_id
+            meta = metas[i]
+            rows.append(
+                {
+                    "pk": pk,
+                    "dense": output.dense[i].tolist(),
+                    "sparse": output.sparse[i],
+                    "text": texts[i],
+                    "text_more": [],
+                    "metadata": meta,
+                    "filter_values": {"s:lang": [meta["lang"]], "n:year": [float(meta["year"])]},
+                    "colbert_gen": gen,
+                    "colbert_len": len(output.colbert[i]),
+                }
+            )
+            vectors = output.colbert[i].astype(np.float32).tolist()
+            token_rows += [
+                {"doc": pk, "gen": gen, "pos": j, "vec": v} for j, v in enumerate(vectors)
+            ]
+        for at in range(0, len(token_rows), per_request):
+            client.insert(tokens, token_rows[at : at + per_request])
+        client.insert(main, rows)
+        done = stop
+        if first_k_rate is None and done >= min(n, 1000):
+            first_k_rate = done / (time.perf_counter() - started)
+        if time_cap is not None and time.perf_counter() - started > time_cap:
+            break
+    t = time.perf_counter()
+    client.flush(tokens)
+    client.flush(main)
+    finish_s = time.perf_counter() - t
+    seconds = time.perf_counter() - started
+    client.close()
+    return {
+        "docs": done,
+        "rate": done / seconds,
+        "rate_first_1k": first_k_rate,
+        "finish_s": finish_s,
+        "capped": done < n,
+    }
+
+
 def floor(corpus: Corpus, qs, args: argparse.Namespace, result: dict) -> dict:  # type: ignore[no-untyped-def]
     """numpy MaxSim over rows already in memory as one float32 array."""
     candidates = json.loads(Path(args.candidates).read_text()) if args.candidates else None
@@ -376,7 +487,15 @@ def floor(corpus: Corpus, qs, args: argparse.Namespace, result: dict) -> dict:  
 # --- the driver --------------------------------------------------------------------------------
 
 
-def run_worker(kind: str, n: int, data: Path, tmp: Path, args, candidates: Path | None) -> dict:  # type: ignore[no-untyped-def]
+def run_worker(  # type: ignore[no-untyped-def]
+    kind: str,
+    n: int,
+    data: Path,
+    tmp: Path,
+    args,
+    candidates: Path | None,
+    ingest_docs: int | None = None,
+) -> dict:
     out = tmp / f"{kind}-{n}.json"
     cmd = [
         sys.executable,
@@ -402,6 +521,8 @@ def run_worker(kind: str, n: int, data: Path, tmp: Path, args, candidates: Path 
     ]
     if candidates is not None:
         cmd += ["--candidates", str(candidates)]
+    if ingest_docs is not None:
+        cmd += ["--ingest-docs", str(ingest_docs)]
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0 or not out.exists():
@@ -458,6 +579,19 @@ def report(results: list[dict], n: int) -> None:
                 f"{raw['peak_rss_gb']:.2f}",
             ]
         )
+    raw_m = by.get("raw-milvus")
+    if raw_m:
+        ing = raw_m["ingest"]
+        first = ing.get("rate_first_1k") or ing["rate"]
+        rows.append(
+            [
+                "baseline: raw pymilvus (Milvus Lite)",
+                f"{ing['docs']:,}" + (" (capped)" if ing["docs"] < n else ""),
+                f"{ing['rate']:.1f} ({first:.1f})",
+                *["" for _ in MODES],
+                f"{raw_m['peak_rss_gb']:.2f}",
+            ]
+        )
     fl = by.get("floor")
     if fl:
         floor_cells = {"colbert": cell(fl["colbert_ms"])}
@@ -508,6 +642,16 @@ def report(results: list[dict], n: int) -> None:
                 f"{edge['ingest']['rate'] / raw['ingest']['rate']:.2f} x raw engine "
                 f"{raw['ingest']['rate']:.1f} (target >= 0.9)"
             )
+    milvus = by.get("milvus")
+    if milvus and raw_m:
+        got, raw_ing = milvus["ingest"], raw_m["ingest"]
+        same = "" if got["docs"] == raw_ing["docs"] else " (different doc counts!)"
+        print(
+            f"  Milvus Lite ingest {got['rate']:.1f} docs/s = {got['rate'] / raw_ing['rate']:.2f} x "
+            f"raw pymilvus {raw_ing['rate']:.1f} over {got['docs']:,} docs{same} (target >= 0.9); "
+            f"first 1k / overall: milvus {(got['rate_first_1k'] or got['rate']) / got['rate']:.2f}, "
+            f"raw {(raw_ing['rate_first_1k'] or raw_ing['rate']) / raw_ing['rate']:.2f}"
+        )
     mem = by.get("memory")
     if mem and fl:
         got = mem["search"]["rrf+rerank colbert"]
@@ -536,6 +680,7 @@ def main() -> None:
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--candidates", help=argparse.SUPPRESS)
+    parser.add_argument("--ingest-docs", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.n = int(args.n)
@@ -560,10 +705,19 @@ def main() -> None:
         for n in sizes:
             results = []
             candidates = None
-            for kind in [s for s in stores if s != "floor"]:
+            order = [s for s in stores if s != "floor"]
+            if "milvus" in order and "raw-milvus" in order:  # raw-milvus writes milvus's count
+                order.remove("raw-milvus")
+                order.insert(order.index("milvus") + 1, "raw-milvus")
+            milvus_docs = None
+            for kind in order:
                 tmp = base / f"{kind}-{n}"
                 tmp.mkdir(parents=True, exist_ok=True)
-                r = run_worker(kind, n, data, tmp, args, None)
+                r = run_worker(
+                    kind, n, data, tmp, args, None, milvus_docs if kind == "raw-milvus" else None
+                )
+                if kind == "milvus" and "ingest" in r:
+                    milvus_docs = r["ingest"]["docs"]
                 results.append(r)
                 if kind == "edge" and "candidates" in r:
                     candidates = base / f"candidates-{n}.json"
