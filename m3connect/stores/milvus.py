@@ -165,6 +165,10 @@ MILVUS_TOPK_MAX = 16384
 #: messages; a read window may hold twice its expected rows).
 REQUEST_BYTES = 32 << 20
 READ_BYTES = 64 << 20
+#: Bytes of companion token rows per insert request. Each request's rows are built just before
+#: it is sent (a Python list of floats takes 8x its vector's bytes), and on Milvus Lite requests
+#: of a few MiB ingest faster than larger ones (benchmarks/bench_scale.py, raw-milvus).
+TOKEN_REQUEST_BYTES = 4 << 20
 PK_LIST_CHUNK = 1000
 _EPS = 1e-6  # slack for server (float32) versus client scores in the ColBERT bounds
 
@@ -238,6 +242,22 @@ def _join_text(head: str | None, more: Sequence[str] | None) -> str | None:
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _token_requests(
+    docs: Sequence[tuple[str, np.ndarray]], gen: str, size: int
+) -> Iterator[list[dict[str, Any]]]:
+    """The companion token rows of ``(pk, vectors)`` pairs, ``size`` rows per list, each list
+    built only when it is asked for (the float32 values of the stored vectors)."""
+    chunk: list[dict[str, Any]] = []
+    for pk, vectors in docs:
+        for pos, vec in enumerate(np.asarray(vectors, dtype=np.float32).tolist()):
+            chunk.append({TOKEN_DOC: pk, TOKEN_GEN: gen, TOKEN_POS: pos, COLBERT_VEC: vec})
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
 
 
 # --- filters ------------------------------------------------------------------------------------
@@ -861,11 +881,12 @@ class _MilvusCore(StoreBase):
 
     def _rows(
         self, batch: PreparedBatch, gen: str
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
-        """The document rows, the token rows (companion layout) and the numeric list lengths of
-        a validated batch. Raises :class:`StoreError` before anything is written."""
+    ) -> tuple[list[dict[str, Any]], list[tuple[str, np.ndarray]], dict[str, int]]:
+        """The document rows, each document's pk and ColBERT vectors (the companion layout's
+        token rows, built per request by :func:`_token_requests`) and the numeric list lengths
+        of a validated batch. Raises :class:`StoreError` before anything is written."""
         rows: list[dict[str, Any]] = []
-        tokens: list[dict[str, Any]] = []
+        tokens: list[tuple[str, np.ndarray]] = []
         lengths: dict[str, int] = {}
         emb = batch.embeddings
         for i, doc_id in enumerate(batch.ids):
@@ -906,7 +927,7 @@ class _MilvusCore(StoreBase):
             for key, n in _numeric_list_lengths(values).items():
                 lengths[key] = max(lengths.get(key, 0), n)
             sparse = self._clean_doc_sparse(doc_id, emb.sparse[i])  # type: ignore[index]
-            colbert = np.asarray(emb.colbert[i], dtype=np.float32)  # type: ignore[index]
+            colbert = emb.colbert[i]  # type: ignore[index]
             row: dict[str, Any] = {
                 PK: pk,
                 DENSE: emb.dense[i].tolist(),  # type: ignore[index]
@@ -923,14 +944,12 @@ class _MilvusCore(StoreBase):
                         f"{self.struct_max_capacity}: set max_colbert_vectors, or "
                         "multivector='companion'"
                     )
-                row[COLBERT] = [{COLBERT_VEC: v} for v in colbert.tolist()]
+                vectors = np.asarray(colbert, dtype=np.float32).tolist()
+                row[COLBERT] = [{COLBERT_VEC: v} for v in vectors]
             else:
                 row[COLBERT_GEN] = gen
                 row[COLBERT_LEN] = len(colbert)
-                tokens.extend(
-                    {TOKEN_DOC: pk, TOKEN_GEN: gen, TOKEN_POS: j, COLBERT_VEC: v}
-                    for j, v in enumerate(colbert.tolist())
-                )
+                tokens.append((pk, colbert))
             rows.append(row)
         return rows, tokens, lengths
 
@@ -993,7 +1012,7 @@ class _MilvusCore(StoreBase):
     def _write(
         self,
         rows: list[dict[str, Any]],
-        tokens: list[dict[str, Any]],
+        tokens: list[tuple[str, np.ndarray]],
         lengths: dict[str, int],
         gen: str,
     ) -> Steps:
@@ -1037,9 +1056,9 @@ class _MilvusCore(StoreBase):
                 },
             )
             # Token rows in requests sized by bytes (a vector and its row's keys), not by count.
-            per_request = max(1, REQUEST_BYTES // (4 * dim + 64 + 2 * len(gen)))
-            for chunk in _chunks(tokens, per_request):
-                yield Call("insert", {"collection_name": self.companion, "data": list(chunk)})
+            per_request = max(1, TOKEN_REQUEST_BYTES // (4 * dim + 64 + 2 * len(gen)))
+            for chunk in _token_requests(tokens, gen, per_request):
+                yield Call("insert", {"collection_name": self.companion, "data": chunk})
         for chunk in self._row_batches(rows, self.fingerprint.dense_dim):  # type: ignore[union-attr]
             yield Call("upsert", {"collection_name": self.collection, "data": chunk})
         if self.layout == "companion":
