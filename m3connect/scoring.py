@@ -8,6 +8,7 @@ database computes (a MaxSim *sum*, Elasticsearch's ``(1 + dot) / 2``) back to th
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -17,10 +18,11 @@ from m3connect.types import M3Embedding, M3Output
 #: The reference README's weights for (dense, sparse, colbert).
 DEFAULT_WEIGHTS: tuple[float, float, float] = (0.4, 0.2, 0.4)
 
-# Float32 elements of document rows per matmul block in colbert_scores (8 MiB): bounds memory
-# for any number of candidates (mode="colbert" over a whole collection) and keeps the block in
-# cache while it is converted and multiplied.
-_COLBERT_BLOCK_ELEMENTS = 1 << 21
+# Float32 elements of document rows per matmul block in colbert_scores (64 MiB): bounds memory
+# for any number of candidates (mode="colbert" over a whole collection), while a re-rank of 100
+# candidates x 128 rows x 1024 dims is one product (BLAS runs a few large products faster than
+# many small ones: six 2,048-row products take about 1.5x one of 12,800 rows).
+_COLBERT_BLOCK_ELEMENTS = 1 << 24
 
 # One scratch block per thread, reused across calls: a fresh buffer per call costs its page
 # faults every time, about as much as converting the rows into it.
@@ -113,13 +115,19 @@ def _block_matrix(docs: Sequence[np.ndarray], rows: int, dim: int) -> np.ndarray
         return first  # BLAS takes it as it is
     matrix = _scratch_rows("float32", rows, dim)
     torch = _torch()
-    if torch is not None and all(
-        isinstance(doc, np.ndarray) and doc.dtype == np.float16 for doc in docs
-    ):
-        half = _pack_rows(docs, _scratch_rows("float16", rows, dim))  # a plain copy
-        _float16_to_float32(torch, half, matrix)
-        return matrix
-    return _pack_rows(docs, matrix)  # any dtype -> float32, once
+    if torch is None:
+        return _pack_rows(docs, matrix)  # any dtype -> float32, once
+    at = 0
+    for doc in docs:
+        n = len(doc)
+        if isinstance(doc, np.ndarray) and doc.dtype == np.float16:
+            if not (doc.flags.c_contiguous and doc.dtype.isnative):
+                doc = np.ascontiguousarray(doc, dtype=np.float16)  # strided or byte-swapped
+            _float16_to_float32(torch, doc, matrix[at : at + n])  # converted where it lies
+        else:
+            matrix[at : at + n] = doc
+        at += n
+    return matrix
 
 
 def _pack_rows(docs: Sequence[np.ndarray], out: np.ndarray) -> np.ndarray:
@@ -135,9 +143,14 @@ def _float16_to_float32(torch, half: np.ndarray, out: np.ndarray) -> None:  # ty
     """``out[:] = half``: torch's vectorized conversion (numpy's takes about three times as
     long, as long as the product itself). Pieces stay under torch's parallel grain size so the
     conversion runs in this thread: a torch thread pool waking beside OpenBLAS's spinning
-    threads (the product) slows both down severalfold on small machines."""
+    threads (the product) slows both down severalfold on small machines, and on a busy
+    machine each parallel region can stall for a time slice."""
     step = max(1, (_TORCH_GRAIN_SIZE - 1) // max(1, half.shape[1]))
-    source, target = torch.from_numpy(half), torch.from_numpy(out)
+    with warnings.catch_warnings():
+        # A read-only array (a memory-mapped file) is only read here.
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.from_numpy(half)
+    target = torch.from_numpy(out)
     for start in range(0, len(half), step):
         target[start : start + step].copy_(source[start : start + step])
 

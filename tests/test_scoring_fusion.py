@@ -68,7 +68,7 @@ def _colbert_by_loop(query, docs):
 
 @pytest.fixture(params=["torch", "numpy"])
 def backend(request, monkeypatch):
-    """The core's two ways to convert float16 rows: torch (when importable) and numpy."""
+    """The core's two ways to compute a block: torch (when importable) and numpy."""
     if request.param == "numpy":
         monkeypatch.setattr("m3connect.scoring._TORCH", False)
     else:
