@@ -7,22 +7,30 @@ database computes (a MaxSim *sum*, Elasticsearch's ``(1 + dot) / 2``) back to th
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from m3connect.types import M3Embedding, M3Output
 
 #: The reference README's weights for (dense, sparse, colbert).
 DEFAULT_WEIGHTS: tuple[float, float, float] = (0.4, 0.2, 0.4)
 
-# Float32 elements of document rows per matmul block in colbert_scores (64 MiB): bounds memory
-# for any number of candidates (mode="colbert" over a whole collection), while a re-rank of 100
-# candidates x 128 rows x 1024 dims is one product (BLAS runs a few large products faster than
-# many small ones: six 2,048-row products take about 1.5x one of 12,800 rows).
-_COLBERT_BLOCK_ELEMENTS = 1 << 24
+# Float32 elements of document rows per matmul block in colbert_scores (1 MiB: two documents
+# of 128 x 1024): each block is converted into a scratch buffer that stays in the core's cache
+# and multiplied from there at once, so float16 rows cost little more than float32 ones, and
+# memory stays bounded for any number of candidates (mode="colbert" over a whole collection).
+_COLBERT_BLOCK_ELEMENTS = 1 << 18
+
+# Float32 elements of the blocks one worker thread takes at a time (8 MiB).
+_COLBERT_TASK_ELEMENTS = 1 << 21
 
 # One scratch block per thread, reused across calls: a fresh buffer per call costs its page
 # faults every time, about as much as converting the rows into it.
@@ -79,6 +87,9 @@ def colbert_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:
             )
     query_t = np.ascontiguousarray(query.T)  # [d, m]: each block is rows @ query_t
     block_rows = max(1, _COLBERT_BLOCK_ELEMENTS // max(1, dim))
+    task_rows = max(block_rows, _COLBERT_TASK_ELEMENTS // max(1, dim))
+    tasks: list[list[tuple[list[int], int]]] = [[]]
+    task_size = 0
     start = 0
     while start < len(docs):
         # The next block: documents until their rows fill it (a longer document alone).
@@ -91,8 +102,27 @@ def colbert_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:
                 rows += lengths[stop]
             stop += 1
         if members:
-            out[members] = _block_maxsim(query_t, [docs[i] for i in members], rows)
+            if task_size >= task_rows:
+                tasks.append([])
+                task_size = 0
+            tasks[-1].append((members, rows))
+            task_size += rows
         start = stop
+
+    def run(task: list[tuple[list[int], int]]) -> None:
+        for members, rows in task:
+            out[members] = _block_maxsim(query_t, [docs[i] for i in members], rows)
+
+    # Worker threads (numpy and torch release the GIL) each run one-threaded products: a
+    # block is too small for BLAS's own threads, whose start and join per product cost more
+    # than the product on a busy machine.
+    with _one_blas_thread():
+        if len(tasks) == 1 or _WORKERS == 1:
+            for task in tasks:
+                run(task)
+        else:
+            for _ in _pool().map(run, tasks):
+                pass
     return out
 
 
@@ -184,6 +214,53 @@ def _scratch_rows(dtype: str, rows: int, dim: int) -> np.ndarray:
         buffer = np.empty(_COLBERT_BLOCK_ELEMENTS, dtype=dtype)
         setattr(_scratch, dtype, buffer)
     return buffer[: rows * dim].reshape(rows, dim)
+
+
+#: Threads that score ColBERT blocks in parallel: the cores this process may use (at most 8).
+_WORKERS = max(
+    1,
+    min(
+        8,
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
+    ),
+)
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(_WORKERS, thread_name_prefix="m3connect-colbert")
+        return _POOL
+
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_USERS = 0
+_BLAS_LIMIT: Any = None
+_BLAS_CONTROLLER: Any = None
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS limited to one thread while ColBERT blocks are scored (process-wide, as
+    BLAS's thread count is: other threads' numpy products run one-threaded meanwhile)."""
+    global _BLAS_USERS, _BLAS_LIMIT, _BLAS_CONTROLLER
+    with _BLAS_LOCK:
+        if _BLAS_USERS == 0:
+            if _BLAS_CONTROLLER is None:
+                _BLAS_CONTROLLER = ThreadpoolController()
+            _BLAS_LIMIT = _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+        _BLAS_USERS += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_USERS -= 1
+            if _BLAS_USERS == 0:
+                _BLAS_LIMIT.restore_original_limits()
+                _BLAS_LIMIT = None
 
 
 def combine_scores(
