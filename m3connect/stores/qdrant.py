@@ -1704,10 +1704,21 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
     this one) gets a :class:`StoreError` naming the path instead of a half-opened shard. To make
     a second store over an open shard, pass it as ``shard=`` (no lock is taken then).
 
+    Each document's ColBERT rows are also appended to a plain file beside the shard
+    (``<path>/m3connect-colbert/``, :mod:`m3connect.stores.colbert_rows`), and its payload says
+    where: re-ranks and ``mode="colbert"`` read the rows from there (memory-mapped) and score
+    them with the core's :func:`~m3connect.scoring.colbert_scores`, several times faster than the
+    engine's MaxSim and exactly the reference's arithmetic. The engine keeps its own copy in the
+    native multivector field (for Qdrant's API, a fused ColBERT leg, and as the fallback for any
+    document whose rows the file cannot give); a shard written before row files is scored by
+    the engine as before.
+
     Writes go to the engine in requests of about ``batch_max_floats`` vector components
     (``batch_size`` points at most) with no flush per call; :meth:`finish` (called by the
-    indexing job at its end, and by :meth:`close`) flushes and runs the segment optimizer once.
-    The fingerprint is kept in a reserved point. Options as for :class:`QdrantStore`.
+    indexing job at its end) makes the row file durable, compacts it when dead rows (of
+    replaced or deleted documents) outweigh the live ones, flushes and runs the segment
+    optimizer once. The fingerprint is kept in a reserved point. Options as for
+    :class:`QdrantStore`.
     """
 
     _dialect: _EdgeDialect
