@@ -14,8 +14,8 @@ in steps of 256 documents (the index job's step), then ``store.finish()`` (the i
 hook; qdrant-edge flushes and optimizes there, included in the rate), then ``--queries``
 searches per mode after two warm-up queries (p50 / p95).
 
-Stores: ``edge`` (QdrantEdgeStore, float16: the engine's half-precision MaxSim, whose largest
-error against float32 numpy the run prints), ``local`` (qdrant-client local mode, pure Python:
+Stores: ``edge`` (QdrantEdgeStore, float16; re-ranks and ``mode="colbert"`` scored from its
+ColBERT row file; the run prints the largest error of its scores against float32 numpy), ``local`` (qdrant-client local mode, pure Python:
 capped by ``--cap-local`` and a quarter of the queries), ``milvus`` (Milvus Lite; ingest capped
 by ``--time-cap`` seconds, a quarter of the queries), ``memory`` (InMemoryStore). A mode whose
 query takes over ``--query-budget`` seconds is shown as such and skipped.
@@ -284,8 +284,7 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def maxsim_error(store, corpus: Corpus, qs) -> float:  # type: ignore[no-untyped-def]
-    """Largest |store - float32 reference| ColBERT score of the re-ranked hits (the engine's
-    half-precision MaxSim where the store uses it)."""
+    """Largest |store - float32 reference| ColBERT score of the re-ranked hits."""
     from m3connect.scoring import colbert_scores
 
     worst = 0.0
@@ -636,7 +635,7 @@ def report(results: list[dict], n: int) -> None:
                         f"{got[0] / fl['colbert_ms'][0]:.2f} x floor {fl['colbert_ms'][0]:.1f} (target <= 2)"
                     )
             print(
-                f"  edge ColBERT scores (engine float16 MaxSim) max |error| vs float32 numpy: "
+                f"  edge ColBERT re-rank scores max |error| vs float32 numpy: "
                 f"{edge['engine_max_error']:.2e} (<= 1e-4 counts as exact)"
             )
         if raw:

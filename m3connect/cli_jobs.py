@@ -3,8 +3,9 @@
 Registered in the main group by :mod:`m3connect.cli` (``main.add_command(...)``)::
 
     m3connect index corpus.jsonl --store qdrant-edge:./m3connect.edge --store es+http://localhost:9200/docs
-    m3connect search qdrant-edge:./m3connect.edge "what is the capital of France?" --rerank all
-    m3connect eval ./scifact --model ./bge-m3
+    m3connect search "what is the capital of France?" --rerank all   # the default store
+    m3connect search es+http://localhost:9200/docs "what is the capital of France?"
+    m3connect eval ./scifact --model ./bge-m3   # indexed into ./m3connect-eval.edge#scifact
     m3connect demo --model ./bge-m3
 
 ``--model`` is a hub id (``BAAI/bge-m3``, the default), a local checkpoint folder, or
@@ -15,6 +16,7 @@ the pipeline runs the same, the rankings mean nothing).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,9 @@ RANDOM_MODEL = "random"
 SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"
 #: Where the demo indexes the sample corpus: the embedded default store, its own collection.
 DEMO_COLLECTION = "m3connect_sample"
+#: Where ``eval`` indexes a dataset when no --store is named: a qdrant-edge store of its own
+#: (evaluation corpora never mix with the user's index), one collection per dataset folder.
+EVAL_STORE_PATH = "./m3connect-eval.edge"
 
 _MODEL_HELP = (
     f"Hub id, local checkpoint folder, or '{RANDOM_MODEL}' (a small random checkpoint: "
@@ -391,9 +396,45 @@ def _parse_weights(text: str | None) -> tuple[float, float, float] | None:
     return parts  # type: ignore[return-value]
 
 
+def _search_target(values: tuple[str, ...]) -> tuple[str | None, str]:
+    """``[URI] QUERY``: the store URI (``None``: the default store) and the query."""
+    usage = (
+        "give QUERY, or URI QUERY (`m3connect search URI QUERY`; quote a query of several words)"
+    )
+    if len(values) == 2:
+        return values[0], values[1]
+    if len(values) != 1:
+        raise click.UsageError(f"got {len(values)} arguments: {usage}")
+    (query,) = values
+    if _looks_like_store_uri(query):
+        raise click.UsageError(f"{query!r} is a store URI and there is no QUERY: {usage}")
+    return None, query
+
+
+def _looks_like_store_uri(text: str) -> bool:
+    """A single word that parses as a store URI: a search whose query was left out."""
+    from m3connect.uris import UriError, parse_store_uri
+
+    if not text or any(ch.isspace() for ch in text):
+        return False
+    try:
+        parse_store_uri(text)
+    except UriError:
+        return False
+    return True
+
+
+def _nothing_indexed(uri: Any) -> CliError:
+    """The default store is not there: one line saying so and how to make it."""
+    return CliError(
+        f"nothing is indexed at {uri.location} (the default store, {uri}): index your "
+        f"documents first with `m3connect index SOURCE` (it writes there by default), or name "
+        f"a store: `m3connect search URI QUERY`"
+    )
+
+
 @click.command("search")
-@click.argument("store_uri", metavar="URI")
-@click.argument("query")
+@click.argument("target", nargs=-1, required=True, metavar="[URI] QUERY")
 @click.option(
     "--mode",
     type=click.Choice(["dense", "sparse", "colbert", "hybrid"]),
@@ -453,8 +494,7 @@ def _parse_weights(text: str | None) -> tuple[float, float, float] | None:
     help="Characters of text shown per hit.",
 )
 def search_command(
-    store_uri: str,
-    query: str,
+    target: tuple[str, ...],
     mode: str,
     k: int,
     fusion: str,
@@ -470,13 +510,15 @@ def search_command(
 ) -> None:
     """Search the store URI for QUERY; print the ranked hits with each representation's score.
 
-    The model defaults to the checkpoint the store was indexed with (when it is here), else
-    BAAI/bge-m3.
+    Without URI, search the default store, qdrant-edge:./m3connect.edge (where `m3connect
+    index` writes when it is given no --store). The model defaults to the checkpoint the store
+    was indexed with (when it is here), else BAAI/bge-m3.
     """
     from m3connect.fingerprint import ModelFingerprint
     from m3connect.store import SearchParams
-    from m3connect.uris import open_store, parse_store_uri
+    from m3connect.uris import DEFAULT_STORE_URI, StoreNotFoundError, open_store, parse_store_uri
 
+    store_uri, query = _search_target(target)
     known = known_errors()
     filter_value = None
     if filter_json:
@@ -495,12 +537,18 @@ def search_command(
             filter=filter_value,
             **({"weights": w} if (w := _parse_weights(weights)) is not None else {}),
         )
-        uri = parse_store_uri(store_uri)
+        uri = parse_store_uri(store_uri or DEFAULT_STORE_URI)
     except known as exc:
         raise click.BadParameter(str(exc)) from None
     set_stores([uri])
     # A reading command never creates a store: a typo in the path is an error, not an empty store.
-    with open_store(uri, create=False) as handle:
+    try:
+        handle = open_store(uri, create=False)
+    except StoreNotFoundError as exc:
+        if store_uri is None:
+            raise _nothing_indexed(uri) from exc
+        raise
+    with handle:
         store = handle.store
         stored: ModelFingerprint | None = store.fingerprint
         name = model or _stored_model(stored) or DEFAULT_MODEL
@@ -626,16 +674,25 @@ def format_hits(hits: list[Any], params: Any, width: int = 60) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def eval_store_default(data_dir: Path) -> str:
+    """``eval``'s store when none is named: ``qdrant-edge:./m3connect-eval.edge#<dataset>``, the
+    collection named after the dataset folder (characters a collection name cannot hold
+    become ``_``), so that each dataset resumes in its own collection."""
+    name = re.sub(r"[^A-Za-z0-9_.\-]+", "_", data_dir.resolve().name)
+    name = name.strip("._-")[:128] or "eval"
+    return f"qdrant-edge:{EVAL_STORE_PATH}#{name}"
+
+
 @click.command("eval")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @_model_option()
 @click.option(
     "--store",
     "store_uri",
-    default="memory:",
-    show_default=True,
+    default=None,
     metavar="URI",
-    help="Where the corpus is indexed (kept there: a second run resumes).",
+    help="Where the corpus is indexed (kept there: a second run resumes) [default: "
+    f"qdrant-edge:{EVAL_STORE_PATH}#<name of DATA_DIR>]; memory: is gone when the command ends.",
 )
 @click.option(
     "--split",
@@ -674,7 +731,7 @@ def format_hits(hits: list[Any], params: Any, width: int = 60) -> str:
 def eval_command(
     data_dir: Path,
     model: str,
-    store_uri: str,
+    store_uri: str | None,
     split: str,
     modes: str,
     candidates: int,
@@ -700,6 +757,8 @@ def eval_command(
     from m3connect.evaluation import evaluate, write_report
 
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    default_store = store_uri is None
+    store_uri = store_uri or eval_store_default(data_dir)
     set_stores([store_uri])
     encoder = load_encoder(model, device, dtype)
     report = evaluate(
@@ -715,6 +774,8 @@ def eval_command(
         rebuild=rebuild,
         progress=show_progress(progress, quiet),
     )
+    if default_store and not quiet:
+        click.echo(f"the corpus is kept in {store_uri}: a second run resumes", err=True)
     if output is not None:
         write_report(report, output)
     if as_json:

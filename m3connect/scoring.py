@@ -7,20 +7,30 @@ database computes (a MaxSim *sum*, Elasticsearch's ``(1 + dot) / 2``) back to th
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from m3connect.types import M3Embedding, M3Output
 
 #: The reference README's weights for (dense, sparse, colbert).
 DEFAULT_WEIGHTS: tuple[float, float, float] = (0.4, 0.2, 0.4)
 
-# Float32 elements of document rows per matmul block in colbert_scores (8 MiB): bounds memory
-# for any number of candidates (mode="colbert" over a whole collection) and keeps the block in
-# cache while it is converted and multiplied.
-_COLBERT_BLOCK_ELEMENTS = 1 << 21
+# Float32 elements of document rows per matmul block in colbert_scores (1 MiB: two documents
+# of 128 x 1024): each block is converted into a scratch buffer that stays in the core's cache
+# and multiplied from there at once, so float16 rows cost little more than float32 ones, and
+# memory stays bounded for any number of candidates (mode="colbert" over a whole collection).
+_COLBERT_BLOCK_ELEMENTS = 1 << 18
+
+# Float32 elements of the blocks one worker thread takes at a time (8 MiB).
+_COLBERT_TASK_ELEMENTS = 1 << 21
 
 # One scratch block per thread, reused across calls: a fresh buffer per call costs its page
 # faults every time, about as much as converting the rows into it.
@@ -77,6 +87,9 @@ def colbert_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:
             )
     query_t = np.ascontiguousarray(query.T)  # [d, m]: each block is rows @ query_t
     block_rows = max(1, _COLBERT_BLOCK_ELEMENTS // max(1, dim))
+    task_rows = max(block_rows, _COLBERT_TASK_ELEMENTS // max(1, dim))
+    tasks: list[list[tuple[list[int], int]]] = [[]]
+    task_size = 0
     start = 0
     while start < len(docs):
         # The next block: documents until their rows fill it (a longer document alone).
@@ -89,8 +102,27 @@ def colbert_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:
                 rows += lengths[stop]
             stop += 1
         if members:
-            out[members] = _block_maxsim(query_t, [docs[i] for i in members], rows)
+            if task_size >= task_rows:
+                tasks.append([])
+                task_size = 0
+            tasks[-1].append((members, rows))
+            task_size += rows
         start = stop
+
+    def run(task: list[tuple[list[int], int]]) -> None:
+        for members, rows in task:
+            out[members] = _block_maxsim(query_t, [docs[i] for i in members], rows)
+
+    # Worker threads (numpy and torch release the GIL) each run one-threaded products: a
+    # block is too small for BLAS's own threads, whose start and join per product cost more
+    # than the product on a busy machine.
+    with _one_blas_thread():
+        if len(tasks) == 1 or _WORKERS == 1:
+            for task in tasks:
+                run(task)
+        else:
+            for _ in _pool().map(run, tasks):
+                pass
     return out
 
 
@@ -113,13 +145,19 @@ def _block_matrix(docs: Sequence[np.ndarray], rows: int, dim: int) -> np.ndarray
         return first  # BLAS takes it as it is
     matrix = _scratch_rows("float32", rows, dim)
     torch = _torch()
-    if torch is not None and all(
-        isinstance(doc, np.ndarray) and doc.dtype == np.float16 for doc in docs
-    ):
-        half = _pack_rows(docs, _scratch_rows("float16", rows, dim))  # a plain copy
-        _float16_to_float32(torch, half, matrix)
-        return matrix
-    return _pack_rows(docs, matrix)  # any dtype -> float32, once
+    if torch is None:
+        return _pack_rows(docs, matrix)  # any dtype -> float32, once
+    at = 0
+    for doc in docs:
+        n = len(doc)
+        if isinstance(doc, np.ndarray) and doc.dtype == np.float16:
+            if not (doc.flags.c_contiguous and doc.dtype.isnative):
+                doc = np.ascontiguousarray(doc, dtype=np.float16)  # strided or byte-swapped
+            _float16_to_float32(torch, doc, matrix[at : at + n])  # converted where it lies
+        else:
+            matrix[at : at + n] = doc
+        at += n
+    return matrix
 
 
 def _pack_rows(docs: Sequence[np.ndarray], out: np.ndarray) -> np.ndarray:
@@ -135,9 +173,14 @@ def _float16_to_float32(torch, half: np.ndarray, out: np.ndarray) -> None:  # ty
     """``out[:] = half``: torch's vectorized conversion (numpy's takes about three times as
     long, as long as the product itself). Pieces stay under torch's parallel grain size so the
     conversion runs in this thread: a torch thread pool waking beside OpenBLAS's spinning
-    threads (the product) slows both down severalfold on small machines."""
+    threads (the product) slows both down severalfold on small machines, and on a busy
+    machine each parallel region can stall for a time slice."""
     step = max(1, (_TORCH_GRAIN_SIZE - 1) // max(1, half.shape[1]))
-    source, target = torch.from_numpy(half), torch.from_numpy(out)
+    with warnings.catch_warnings():
+        # A read-only array (a memory-mapped file) is only read here.
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.from_numpy(half)
+    target = torch.from_numpy(out)
     for start in range(0, len(half), step):
         target[start : start + step].copy_(source[start : start + step])
 
@@ -171,6 +214,53 @@ def _scratch_rows(dtype: str, rows: int, dim: int) -> np.ndarray:
         buffer = np.empty(_COLBERT_BLOCK_ELEMENTS, dtype=dtype)
         setattr(_scratch, dtype, buffer)
     return buffer[: rows * dim].reshape(rows, dim)
+
+
+#: Threads that score ColBERT blocks in parallel: the cores this process may use (at most 8).
+_WORKERS = max(
+    1,
+    min(
+        8,
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
+    ),
+)
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(_WORKERS, thread_name_prefix="m3connect-colbert")
+        return _POOL
+
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_USERS = 0
+_BLAS_LIMIT: Any = None
+_BLAS_CONTROLLER: Any = None
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS limited to one thread while ColBERT blocks are scored (process-wide, as
+    BLAS's thread count is: other threads' numpy products run one-threaded meanwhile)."""
+    global _BLAS_USERS, _BLAS_LIMIT, _BLAS_CONTROLLER
+    with _BLAS_LOCK:
+        if _BLAS_USERS == 0:
+            if _BLAS_CONTROLLER is None:
+                _BLAS_CONTROLLER = ThreadpoolController()
+            _BLAS_LIMIT = _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+        _BLAS_USERS += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_USERS -= 1
+            if _BLAS_USERS == 0:
+                _BLAS_LIMIT.restore_original_limits()
+                _BLAS_LIMIT = None
 
 
 def combine_scores(

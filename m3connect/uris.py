@@ -427,6 +427,24 @@ def _require_location(parsed: StoreURI) -> None:
             f"no store at {parsed.location} ({path.resolve()} does not exist): check the path "
             f"of {parsed}; {_CREATE_HINT}"
         )
+    if parsed.kind == "qdrant-edge":
+        _require_edge_shard(parsed, path)
+
+
+def _require_edge_shard(parsed: StoreURI, path: Path) -> None:
+    """A ``qdrant-edge:`` collection is a shard folder ``<path>/<collection>`` holding the
+    engine's config file; opening a store on any other folder would create its lock file there."""
+    config = getattr(parsed.store_class(), "CONFIG_FILE", "edge_config.json")
+    if (parsed.edge_path() / config).is_file():
+        return
+    others = (
+        sorted(p.name for p in path.iterdir() if (p / config).is_file()) if path.is_dir() else []
+    )
+    listing = f" (there: {', '.join(others[:10])})" if others else " (it holds none)"
+    raise StoreNotFoundError(
+        f"{parsed}: no collection {parsed.collection!r} at {parsed.location}{listing}; check "
+        f"the name (the part after '#'); {_CREATE_HINT}"
+    )
 
 
 def _require_collection(parsed: StoreURI, client: Any) -> None:

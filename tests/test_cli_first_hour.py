@@ -99,6 +99,136 @@ def test_verbose_shows_the_traceback(tmp_path, monkeypatch) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# 1b. the embedded default store: `search QUERY` reads where `index` writes; eval has its own
+# --------------------------------------------------------------------------------------------
+
+_DEFAULT_DOCS = {
+    "comet": "Halley's comet returns to the inner solar system every 75 years.",
+    "hangul": "Hangul is the alphabet of the Korean language, made in the 15th century.",
+    "kimchi": "Kimchi is fermented cabbage with chili, garlic and fish sauce.",
+    "volcano": "A volcano is an opening in the crust where molten rock reaches the surface.",
+}
+
+
+def test_search_without_uri_reads_the_default_store_index_writes(
+    tmp_path, monkeypatch, m3_checkpoint
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in _DEFAULT_DOCS.items())
+    )
+    # Another collection of the default place (the demo's, say) is not the default store, and
+    # a search of the default store opens nothing there.
+    invoke(
+        "index",
+        corpus,
+        "--store",
+        "qdrant-edge:./m3connect.edge#other",
+        "--model",
+        m3_checkpoint,
+        "-q",
+        code=0,
+    )
+    line = error_line(invoke("search", "comet", code=1))
+    assert line.startswith("Error: nothing is indexed at ./m3connect.edge (the default store")
+    assert not (tmp_path / "m3connect.edge" / "m3connect").exists()
+
+    invoke("index", corpus, "--model", m3_checkpoint, "-q", code=0)  # no --store: the default
+    assert (tmp_path / "m3connect.edge" / "m3connect").is_dir()
+    for doc_id, text in _DEFAULT_DOCS.items():
+        # The query is the document's text: its dense score is 1, the top hit.
+        hits = json.loads(
+            invoke("search", text, "--mode", "dense", "-k", "2", "--json", code=0).stdout
+        )
+        assert hits[0]["id"] == f"{doc_id}#0" and hits[0]["text"] == text
+        assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    # The same store named explicitly: the same answer (URI QUERY works as before).
+    args = ("hangul alphabet", "--rerank", "all", "--json")
+    default = json.loads(invoke("search", *args, code=0).stdout)
+    named = json.loads(invoke("search", uris.DEFAULT_STORE_URI, *args, code=0).stdout)
+    assert default == named and len(default) == len(_DEFAULT_DOCS)
+
+
+def test_search_without_uri_and_nothing_indexed_is_one_line_and_creates_nothing(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    line = error_line(invoke("search", "where is the comet?", code=1))
+    assert line == (
+        f"Error: nothing is indexed at ./m3connect.edge (the default store, "
+        f"{uris.DEFAULT_STORE_URI}#m3connect): index your documents first with `m3connect index "
+        f"SOURCE` (it writes there by default), or name a store: `m3connect search URI QUERY`"
+    )
+    assert list(tmp_path.iterdir()) == []  # no folder, no lock file
+    # The help names the default store.
+    assert uris.DEFAULT_STORE_URI in " ".join(invoke("search", "--help", code=0).output.split())
+
+
+def test_search_arguments_are_uri_query_or_query(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke("search", code=2)
+    assert "Missing argument '[URI] QUERY'" in result.output
+    result = invoke("search", "qdrant:./a", "two", "words", code=2)
+    assert "got 3 arguments: give QUERY, or URI QUERY" in result.output
+    # A store URI alone: the query was forgotten (not a search for the text "milvus:./m3.db").
+    result = invoke("search", "milvus:./m3.db", code=2)
+    assert "'milvus:./m3.db' is a store URI and there is no QUERY" in result.output
+    # One word that is not a store URI is a query (of the default store, not there here).
+    line = error_line(invoke("search", "https://example.com", code=1))
+    assert line.startswith("Error: nothing is indexed at ./m3connect.edge")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_store_default_is_named_after_the_dataset() -> None:
+    assert cli_jobs.eval_store_default(Path("data/scifact")) == (
+        "qdrant-edge:./m3connect-eval.edge#scifact"
+    )
+    name = cli_jobs.eval_store_default(Path("/x/.my BEIR set (v2)"))
+    assert name == "qdrant-edge:./m3connect-eval.edge#my_BEIR_set_v2"
+    assert uris.parse_store_uri(name).collection == "my_BEIR_set_v2"
+    assert cli_jobs.eval_store_default(Path("/x/???")).endswith("#eval")
+
+
+def test_eval_indexes_into_its_own_default_store_and_resumes(
+    tmp_path, monkeypatch, m3_encoder
+) -> None:
+    from test_evaluation import make_beir
+    from test_indexing import CountingEncoder
+
+    beir = make_beir(tmp_path / "sci fact")
+    monkeypatch.chdir(tmp_path)
+    counting = CountingEncoder(m3_encoder)
+    monkeypatch.setattr(cli_jobs, "load_encoder", lambda *a, **k: counting)
+    first = invoke("eval", beir, "--modes", "dense,all", "--json", code=0)
+    report = json.loads(first.stdout)
+    assert report["store"] == "qdrant-edge:./m3connect-eval.edge#sci_fact"
+    assert "kept in qdrant-edge:./m3connect-eval.edge#sci_fact" in first.stderr
+    shard = tmp_path / "m3connect-eval.edge" / "sci_fact"
+    assert (shard / "edge_config.json").is_file()
+    assert not (tmp_path / "m3connect.edge").exists()  # never the user's index store
+    encoded = counting.encoded
+    assert encoded >= report["chunks"] > 0
+
+    second = json.loads(invoke("eval", beir, "--modes", "dense,all", "--json", code=0).stdout)
+    assert counting.encoded == encoded  # resumed: no passage encoded again
+    assert second["metrics"] == {
+        m: {**v, "queries_per_s": second["metrics"][m]["queries_per_s"]}
+        for m, v in report["metrics"].items()
+    }
+    assert (second["docs"], second["chunks"]) == (report["docs"], report["chunks"])
+    # memory: stays available and leaves nothing on disk.
+    before = sorted(p.name for p in tmp_path.iterdir())
+    memory = json.loads(
+        invoke("eval", beir, "--modes", "dense", "--store", "memory:", "--json", code=0).stdout
+    )
+    assert memory["metrics"]["dense"]["ndcg@10"] == pytest.approx(
+        report["metrics"]["dense"]["ndcg@10"], abs=1e-6
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# --------------------------------------------------------------------------------------------
 # 2. one Error: line for a store in use, a server not there, credentials refused, a model mismatch
 # --------------------------------------------------------------------------------------------
 
@@ -386,10 +516,11 @@ def test_folder_source_says_once_per_extension_what_it_skips(tmp_path, caplog) -
     assert "(e.g. b.rst)" in rst and "reads .txt, .md, .markdown files only" in rst
 
 
-def test_eval_progress(tmp_path, m3_checkpoint) -> None:
+def test_eval_progress(tmp_path, m3_checkpoint, monkeypatch) -> None:
     from test_evaluation import make_beir
 
     beir = make_beir(tmp_path / "beir")
+    monkeypatch.chdir(tmp_path)  # the default store, ./m3connect-eval.edge, lands here
     result = invoke(
         "eval", beir, "--model", m3_checkpoint, "--modes", "dense", "--progress", code=0
     )

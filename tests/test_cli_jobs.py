@@ -275,7 +275,8 @@ def test_sigint_then_resume(corpus, tmp_path, m3_checkpoint, m3_encoder) -> None
         assert [r.id for r in handle.store.get(ids)] == [r.id for r in expected.get(ids)]
 
 
-def test_eval(runner, tmp_path, m3_checkpoint, beir_dir) -> None:
+def test_eval(runner, tmp_path, m3_checkpoint, beir_dir, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the default store, ./m3connect-eval.edge, lands here
     result = run(runner, "eval", beir_dir, "--model", m3_checkpoint)
     lines = result.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines[2:]] == [

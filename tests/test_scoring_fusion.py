@@ -68,7 +68,7 @@ def _colbert_by_loop(query, docs):
 
 @pytest.fixture(params=["torch", "numpy"])
 def backend(request, monkeypatch):
-    """The core's two ways to convert float16 rows: torch (when importable) and numpy."""
+    """The core's two ways to compute a block: torch (when importable) and numpy."""
     if request.param == "numpy":
         monkeypatch.setattr("m3connect.scoring._TORCH", False)
     else:
@@ -238,3 +238,32 @@ def test_m3output_rows_and_slices():
     assert len(M3Output.concat([out, tail])) == 5
     with pytest.raises(ValueError, match="different lengths"):
         M3Output(dense=np.eye(2), sparse=[{}])
+
+
+def test_colbert_workers_give_the_loops_answer_and_restore_blas_threads(monkeypatch):
+    """Many small blocks scored by the worker threads (and from several callers at once):
+    the loop's answer each time, and numpy's BLAS gets its thread count back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return sorted(
+            (i["internal_api"], i["num_threads"])
+            for i in threadpool_info()
+            if i["user_api"] == "blas"
+        )
+
+    rng = np.random.default_rng(8)
+    q = rng.normal(size=(6, 16)).astype(np.float32)
+    docs = [rng.normal(size=(int(n), 16)).astype(np.float16) for n in rng.integers(0, 9, size=300)]
+    expected = _colbert_by_loop(q, docs)
+    before = blas_threads()
+    monkeypatch.setattr("m3connect.scoring._COLBERT_BLOCK_ELEMENTS", 8 * 16)
+    monkeypatch.setattr("m3connect.scoring._COLBERT_TASK_ELEMENTS", 24 * 16)
+    monkeypatch.setattr("m3connect.scoring._WORKERS", 3)
+    with ThreadPoolExecutor(4) as callers:
+        answers = list(callers.map(lambda _: colbert_scores(q, docs), range(8)))
+    for answer in answers:
+        np.testing.assert_allclose(answer, expected, rtol=1e-5, atol=1e-6)
+    assert blas_threads() == before

@@ -147,8 +147,9 @@ def test_default_store_is_edge() -> None:
 
 def test_float16_maxsim_at_bge_m3_size_is_the_engines_within_tolerance(tmp_path: Path) -> None:
     """1024-dim unit rows: the engine's half-precision MaxSim is within 1e-4 of the float32
-    reference, so the store uses it (no ColBERT matrices come back); a dozen dimensions are
-    not, and are re-scored (the contract suite checks those answers at 1e-5)."""
+    reference, so the store's plans use it (no ColBERT matrices come back): a fused ColBERT leg
+    is scored by the engine, re-ranks and mode="colbert" by the core from the row file; a dozen
+    dimensions are not, and are re-scored (the contract suite checks those answers at 1e-5)."""
     import numpy as np
 
     from m3connect.fingerprint import ModelFingerprint
@@ -182,6 +183,7 @@ def test_float16_maxsim_at_bge_m3_size_is_the_engines_within_tolerance(tmp_path:
         {"mode": "colbert"},
         {"mode": "hybrid", "rerank": "colbert"},
         {"mode": "hybrid", "rerank": "all"},
+        {"mode": "hybrid", "hybrid_legs": ("dense", "sparse", "colbert"), "fusion": "weighted"},
     ):
         params = SearchParams(k=10, candidates=30, **spec)
         plan = store._plan(params, store._query_vectors(query, params))

@@ -70,7 +70,10 @@ Search is exact where Qdrant is: sparse and ColBERT (HNSW off by default) always
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +113,7 @@ from m3connect.store import (
     run_direct,
     write_or_roll_back,
 )
+from m3connect.stores.colbert_rows import ROWS_KEY, ColbertRowFile
 from m3connect.types import DocId, M3Embedding, M3Output
 
 if TYPE_CHECKING:
@@ -123,6 +127,8 @@ __all__ = ["AsyncQdrantStore", "QdrantEdgeStore", "QdrantStore", "point_id"]
 NAMESPACE = uuid.UUID("3c0b8f0e-6d7a-5b7e-9a43-6d33636f6e6e")
 #: The point that keeps the fingerprint where collection metadata is not available.
 RESERVED_POINT_ID = str(uuid.uuid5(NAMESPACE, "m3connect:collection-info"))
+logger = logging.getLogger(__name__)
+
 METADATA_KEY = "m3connect"
 _FORMAT = 1
 _MAX_EXACT_FLOAT_INT = 2**53
@@ -216,6 +222,30 @@ class _QueryVectors:
                 raise StoreError(f"the query has no {part} representation, which this search needs")
             self._lists[part] = np.asarray(value, dtype=np.float32).tolist()
         return self._lists[part]
+
+    def usable(self, part: str) -> bool:
+        """Whether ``part`` can match anything (a query without a sparse token cannot)."""
+        return part != "sparse" or self.sparse is not None
+
+    def factor(self, part: str) -> float:
+        """From the engine's score of ``part`` to the contract's (MaxSim is a sum)."""
+        return 1.0 / self.n_colbert if part == "colbert" else 1.0
+
+
+def _rescore(
+    qv: _QueryVectors, parts_weights: Sequence[tuple[str, float]], sources: list[_Stage], limit: int
+) -> _Stage:
+    """Each exact score of every document of ``sources`` (their union), combined."""
+    total = float(sum(w for _, w in parts_weights))
+    scored = [(p, w) for p, w in parts_weights if w > 0 and qv.usable(p)]
+    stages = [_Stage(_Nearest(p), sources, limit) for p, _ in scored]
+    if not any(p != "sparse" for p, _ in scored):
+        # A sparse re-score drops documents that share no token: add another one so the
+        # union keeps every candidate (its term is not in the formula).
+        keeper = next(p for p, _ in parts_weights if p != "sparse")
+        stages.append(_Stage(_Nearest(keeper), sources, limit))
+    terms = [(i, w / total * qv.factor(p)) for i, (p, w) in enumerate(scored)]
+    return _Stage(_Formula(terms), stages)
 
 
 # --- the collection's schema, as both APIs describe it -----------------------------------------
@@ -444,11 +474,17 @@ class _QdrantBase(StoreBase):
         if chunk:
             yield chunk
 
-    def _points(self, batch: PreparedBatch, rows: Sequence[int]) -> list[Any]:
+    def _points(
+        self,
+        batch: PreparedBatch,
+        rows: Sequence[int],
+        extras: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[Any]:
+        """The points of ``rows``; ``extras`` adds to each one's payload."""
         d = self._dialect
         emb = batch.embeddings
         points = []
-        for i in rows:
+        for j, i in enumerate(rows):
             weights = emb.sparse[i]  # type: ignore[index]
             # Nested lists of Python floats are the fastest input the clients take (a numpy
             # array is read element by element through the sequence protocol, ~2x slower).
@@ -465,13 +501,10 @@ class _QdrantBase(StoreBase):
                     list(weights), list(weights.values())
                 )
             doc_id = batch.ids[i]
-            points.append(
-                d.point(
-                    point_id(doc_id),
-                    vectors,
-                    self._payload(doc_id, batch.texts[i], batch.metadatas[i]),
-                )
-            )
+            payload = self._payload(doc_id, batch.texts[i], batch.metadatas[i])
+            if extras is not None:
+                payload.update(extras[j])
+            points.append(d.point(point_id(doc_id), vectors, payload))
         return points
 
     # --- reading --------------------------------------------------------------------------
@@ -572,57 +605,38 @@ class _QdrantBase(StoreBase):
         n_colbert = 0 if query.colbert is None else int(np.shape(query.colbert)[0])
         return _QueryVectors(query, sparse, n_colbert)
 
-    def _plan(self, params: SearchParams, qv: _QueryVectors) -> _Plan | None:
-        """The one request that answers ``params`` (``None``: nothing can match)."""
-
-        def usable(part: str) -> bool:
-            return part != "sparse" or qv.sparse is not None
-
-        def colbert_factor(part: str) -> float:
-            return 1.0 / qv.n_colbert if part == "colbert" else 1.0
-
-        def rescore(
-            parts_weights: Sequence[tuple[str, float]], sources: list[_Stage], limit: int
-        ) -> _Stage:
-            """Each exact score of every document of ``sources`` (their union), combined."""
-            total = float(sum(w for _, w in parts_weights))
-            scored = [(p, w) for p, w in parts_weights if w > 0 and usable(p)]
-            stages = [_Stage(_Nearest(p), sources, limit) for p, _ in scored]
-            if not any(p != "sparse" for p, _ in scored):
-                # A sparse re-score drops documents that share no token: add another one so the
-                # union keeps every candidate (its term is not in the formula).
-                keeper = next(p for p, _ in parts_weights if p != "sparse")
-                stages.append(_Stage(_Nearest(keeper), sources, limit))
-            terms = [(i, w / total * colbert_factor(p)) for i, (p, w) in enumerate(scored)]
-            return _Stage(_Formula(terms), stages)
-
-        legs = [leg for leg in params.legs if usable(leg)]
+    def _ranker(
+        self, params: SearchParams, qv: _QueryVectors
+    ) -> tuple[_Stage, str | None, float] | None:
+        """The stage that ranks the legs' documents (fused where there are several), the part
+        whose score its score is (if one), and the factor from its score to the contract's;
+        ``None`` where no leg can match (sparse alone, and a query without a token)."""
+        legs = [leg for leg in params.legs if qv.usable(leg)]
         if not legs:
             return None
-        scale = 1.0
         if len(params.legs) == 1:
-            ranker = _Stage(_Nearest(legs[0]))
-            final_part: str | None = legs[0]
-            scale = colbert_factor(legs[0])
-        else:
-            final_part = None
-            sources = [_Stage(_Nearest(leg), limit=params.leg_limit) for leg in legs]
-            if params.fusion == "rrf":
-                k = float(params.rrf_k)
-                if k.is_integer():
-                    ranker = _Stage(_Fuse("rrf", k=int(k) + 1), sources)
-                else:
-                    # Qdrant's weighted RRF with k=2 is w / (rank + w): w = rrf_k gives rrf_k
-                    # times the contract's 1 / (rrf_k + rank).
-                    ranker = _Stage(_Fuse("rrf", k=2, weights=[k] * len(sources)), sources)
-                    scale = 1.0 / k
-            elif params.fusion == "dbsf":
-                ranker = _Stage(_Fuse("dbsf"), sources)
-            else:
-                union = params.leg_limit * len(sources)
-                ranker = rescore(
-                    list(zip(params.legs, params.leg_weights, strict=False)), sources, union
-                )
+            return _Stage(_Nearest(legs[0])), legs[0], qv.factor(legs[0])
+        sources = [_Stage(_Nearest(leg), limit=params.leg_limit) for leg in legs]
+        if params.fusion == "rrf":
+            k = float(params.rrf_k)
+            if k.is_integer():
+                return _Stage(_Fuse("rrf", k=int(k) + 1), sources), None, 1.0
+            # Qdrant's weighted RRF with k=2 is w / (rank + w): w = rrf_k gives rrf_k times
+            # the contract's 1 / (rrf_k + rank).
+            return _Stage(_Fuse("rrf", k=2, weights=[k] * len(sources)), sources), None, 1.0 / k
+        if params.fusion == "dbsf":
+            return _Stage(_Fuse("dbsf"), sources), None, 1.0
+        union = params.leg_limit * len(sources)
+        weights = list(zip(params.legs, params.leg_weights, strict=False))
+        return _rescore(qv, weights, sources, union), None, 1.0
+
+    def _plan(self, params: SearchParams, qv: _QueryVectors) -> _Plan | None:
+        """The one request that answers ``params`` (``None``: nothing can match)."""
+        usable, colbert_factor = qv.usable, qv.factor
+        ranked = self._ranker(params, qv)
+        if ranked is None:
+            return None
+        ranker, final_part, scale = ranked
 
         if params.rerank is None:
             ranker.limit = params.k
@@ -634,8 +648,11 @@ class _QdrantBase(StoreBase):
                 top = _Stage(_Nearest("colbert"), [ranker], params.k)
                 final_part, scale = "colbert", colbert_factor("colbert")
             else:
-                top = rescore(
-                    list(zip(LEG_NAMES, params.weights, strict=False)), [ranker], params.candidates
+                top = _rescore(
+                    qv,
+                    list(zip(LEG_NAMES, params.weights, strict=False)),
+                    [ranker],
+                    params.candidates,
                 )
                 top.limit = params.k
                 final_part = None
@@ -745,7 +762,10 @@ class _QdrantBase(StoreBase):
         plan: _Plan,
         points: Sequence[Any],
         by_id: Sequence[Sequence[Any]] = (),
+        known: Mapping[str, Sequence[float]] | None = None,
     ) -> list[Hit]:
+        """Hits from the engine's points; ``known`` holds parts' exact scores of the points
+        computed already (ColBERT from a row file)."""
         if not points:
             return []
         payloads = [point.payload or {} for point in points]
@@ -754,7 +774,7 @@ class _QdrantBase(StoreBase):
         finals = [float(point.score) * plan.scale for point in points]
         # Each hit's exact score of every part: the final score where it is one, else the
         # engine's score of the hit by id, else the core's scoring of the hit's vectors.
-        parts: dict[str, list[float]] = {}
+        parts: dict[str, list[float]] = {p: list(v) for p, v in (known or {}).items()}
         if plan.final_part is not None and plan.final_part not in plan.fetch_parts:
             parts[plan.final_part] = finals
         if plan.fetch_parts:
@@ -1684,15 +1704,27 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
     this one) gets a :class:`StoreError` naming the path instead of a half-opened shard. To make
     a second store over an open shard, pass it as ``shard=`` (no lock is taken then).
 
+    Each document's ColBERT rows are also appended to a plain file beside the shard
+    (``<path>/m3connect-colbert/``, :mod:`m3connect.stores.colbert_rows`), and its payload says
+    where: re-ranks and ``mode="colbert"`` read the rows from there (memory-mapped) and score
+    them with the core's :func:`~m3connect.scoring.colbert_scores`, several times faster than the
+    engine's MaxSim and exactly the reference's arithmetic. The engine keeps its own copy in the
+    native multivector field (for Qdrant's API, a fused ColBERT leg, and as the fallback for any
+    document whose rows the file cannot give); a shard written before row files is scored by
+    the engine as before.
+
     Writes go to the engine in requests of about ``batch_max_floats`` vector components
     (``batch_size`` points at most) with no flush per call; :meth:`finish` (called by the
-    indexing job at its end, and by :meth:`close`) flushes and runs the segment optimizer once.
-    The fingerprint is kept in a reserved point. Options as for :class:`QdrantStore`.
+    indexing job at its end) makes the row file durable, compacts it when dead rows (of
+    replaced or deleted documents) outweigh the live ones, flushes and runs the segment
+    optimizer once. The fingerprint is kept in a reserved point. Options as for
+    :class:`QdrantStore`.
     """
 
     _dialect: _EdgeDialect
     CONFIG_FILE = "edge_config.json"
     LOCK_FILE = ".m3connect.lock"
+    ROWS_FOLDER = "m3connect-colbert"
 
     def __init__(
         self,
@@ -1714,6 +1746,8 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
         self._lock_file: Any = None
         #: Points written since the last :meth:`finish` (it optimizes only after writes).
         self._dirty = False
+        #: The ColBERT rows beside the shard (None: a shard from before row files).
+        self._rows: ColbertRowFile | None = None
         if self._owns_shard:
             self._lock_file = _lock_shard(self.path, self._where())
         try:
@@ -1743,6 +1777,12 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
                 self._store_fingerprint()
                 if config_file.exists():
                     self._check_schema(self._dialect.schema(json.loads(config_file.read_text())))
+                half = self.colbert_dtype == np.float16
+                self._rows = _row_file(
+                    self._rows_folder(),
+                    self.fingerprint.colbert_dim,
+                    "float16" if half else "float32",
+                )
                 self._ready = True
             return
         if config_file.exists():
@@ -1757,7 +1797,12 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
             self._store_fingerprint()
         if config_file.exists():
             self._check_schema(self._dialect.schema(json.loads(config_file.read_text())))
+        if self._rows is None and self.fingerprint is not None:
+            self._rows = _row_file(self._rows_folder(), self.fingerprint.colbert_dim)
         self._ready = True
+
+    def _rows_folder(self) -> Path:
+        return self.path / self.ROWS_FOLDER
 
     def _reserved_fingerprint(self) -> ModelFingerprint | None:
         for record in self.shard.retrieve(
@@ -1779,7 +1824,12 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
         upsert = self._dialect.e.UpdateOperation.upsert_points
         self._dirty = True
         for rows in self._chunks(batch):
-            self.shard.update(upsert(self._points(batch, rows)))
+            extras = None
+            if self._rows is not None:
+                # The rows first: a point never refers to rows that are not in the file.
+                spans = self._rows.append([batch.embeddings.colbert[i] for i in rows])  # type: ignore[index]
+                extras = [{ROWS_KEY: span} for span in spans]
+            self.shard.update(upsert(self._points(batch, rows, extras)))
 
     def get(self, ids: Sequence[DocId], *, with_vectors: bool = False) -> list[Record]:
         ids = id_list(ids)
@@ -1789,8 +1839,10 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
         found = self.shard.retrieve(
             point_ids,
             with_payload=True,
-            with_vector=self._vector_names(LEG_NAMES) if with_vectors else False,
+            with_vector=self._engine_vectors() if with_vectors else False,
         )
+        if with_vectors:
+            found = self._with_colbert_rows(found)
         return self._records(ids, found, with_vectors)
 
     def delete(self, ids: Sequence[DocId] | None = None, *, filter: FilterLike = None) -> None:
@@ -1819,7 +1871,7 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
         _check_batch_size(batch_size)
         ready = self._ensure()
         scroll_filter = self._filter(filter)
-        vectors = self._vector_names(LEG_NAMES) if with_vectors else False
+        vectors = self._engine_vectors() if with_vectors else False
         offset = None
         while ready:
             points, offset = self.shard.scroll(
@@ -1831,6 +1883,8 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
                     with_vector=vectors,
                 )
             )
+            if with_vectors:
+                points = self._with_colbert_rows(points)
             yield from self._scrolled(points, with_vectors)
             if offset is None:
                 break
@@ -1842,6 +1896,8 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
         query_filter = self._filter(params.filter, search=True)
         if plan is None or not ready:
             return []
+        if self._rows_score(params):
+            return self._search_with_rows(query, params, qv, query_filter)
         points = self.shard.query(self._request(plan, qv, query_filter))
         by_id = []
         batch = self._by_id_requests(plan, qv, points)
@@ -1849,8 +1905,164 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
             by_id = self.shard.query_batch(self._dialect.e.QueryBatchRequest(batch))
         return self._hits(query, params, plan, points, by_id)
 
+    # --- ColBERT scored from the row file ----------------------------------------------------
+
+    def _rows_score(self, params: SearchParams) -> bool:
+        """Whether this search's ColBERT scores come from the row file: a re-rank of the other
+        legs' candidates, or ``mode="colbert"`` (every document in scope). A ColBERT leg fused
+        with others stays in the engine (its candidates are the engine's nearest)."""
+        if self._rows is None or self.sparse_idf:
+            return False
+        if params.legs == ("colbert",):
+            return True
+        return params.rerank is not None and "colbert" not in params.legs
+
+    def _search_with_rows(
+        self, query: M3Embedding, params: SearchParams, qv: _QueryVectors, query_filter: Any
+    ) -> list[Hit]:
+        """Candidates from the engine (the legs' ranking, or every document in scope for
+        ``mode="colbert"``), their ColBERT scores from the row file by the core's batched
+        MaxSim, the other parts' exact scores from the engine by id, then the re-rank."""
+        if params.legs == ("colbert",):
+            point_ids, spans = self._scan_rows(query_filter)
+            scores = self._colbert_scores(query, point_ids, spans)
+            top = np.argsort(-scores, kind="stable")[: params.leg_limit]
+            found = {
+                str(r.id): r
+                for r in self.shard.retrieve(
+                    [point_ids[i] for i in top], with_payload=True, with_vector=False
+                )
+            }
+            points: list[Any] = [
+                _Point(point_ids[i], found[point_ids[i]].payload, float(scores[i]))
+                for i in top
+                if point_ids[i] in found
+            ]
+            colbert = [p.score for p in points]
+        else:
+            ranked = self._ranker(params, qv)
+            if ranked is None:
+                return []
+            ranker = ranked[0]
+            ranker.limit = params.candidates
+            search_params = (
+                self._dialect.search_params(self.exact, self.hnsw_ef)
+                if self._use_params()
+                else None
+            )
+            points = self.shard.query(
+                self._dialect.request(ranker, qv, self.names, query_filter, search_params, [])
+            )
+            colbert = self._colbert_scores(
+                query,
+                [str(p.id) for p in points],
+                [(p.payload or {}).get(ROWS_KEY) for p in points],
+            ).tolist()
+        others = [p for p in params.scored_parts if p != "colbert"]
+        known = {"colbert": colbert}
+        known.update({p: [0.0] * len(points) for p in others if not qv.usable(p)})
+        plan = _Plan(
+            top=_Stage(_Nearest("colbert")),
+            final_part=None,
+            scale=1.0,
+            fetch_parts=(),
+            recompute=("all", params.weights) if params.rerank == "all" else ("part", "colbert"),
+            k=params.k,
+            by_id=tuple(p for p in others if qv.usable(p)),
+        )
+        by_id = []
+        batch = self._by_id_requests(plan, qv, points)
+        if batch:
+            by_id = self.shard.query_batch(self._dialect.e.QueryBatchRequest(batch))
+        return self._hits(query, params, plan, points, by_id, known)
+
+    def _scan_rows(self, scroll_filter: Any) -> tuple[list[str], list[Any]]:
+        """Every document's point id and row span (matching ``scroll_filter``)."""
+        point_ids: list[str] = []
+        spans: list[Any] = []
+        offset = None
+        while True:
+            points, offset = self.shard.scroll(
+                self._dialect.e.ScrollRequest(
+                    offset=offset,
+                    limit=_SCAN_PAGE,
+                    filter=scroll_filter,
+                    with_payload=["doc_id", ROWS_KEY],
+                    with_vector=False,
+                )
+            )
+            for point in points:
+                payload = point.payload or {}
+                if "doc_id" in payload:  # not the reserved point
+                    point_ids.append(str(point.id))
+                    spans.append(payload.get(ROWS_KEY))
+            if offset is None:
+                return point_ids, spans
+
+    def _colbert_scores(
+        self, query: M3Embedding, point_ids: Sequence[str], spans: Sequence[Any]
+    ) -> np.ndarray:
+        """The core's ColBERT score of each point, from its rows in the file (read in file
+        order), or from the engine's copy where the file has none for it."""
+        assert self._rows is not None
+        order = sorted(range(len(spans)), key=lambda i: _span_order(spans[i]))
+        matrices = [self._rows.rows(spans[i]) for i in order]
+        missing = [j for j, rows in enumerate(matrices) if rows is None]
+        if missing:
+            logger.warning(
+                "%d document(s) of %s have no readable ColBERT rows in %s: scored from the "
+                "engine's copy (slower); re-index them to restore the fast path",
+                len(missing),
+                self._where(),
+                self._rows.folder,
+            )
+            engine = self._engine_colbert([point_ids[order[j]] for j in missing])
+            for j in missing:
+                matrices[j] = engine.get(point_ids[order[j]], _NO_ROWS)
+        scores = np.zeros(len(spans), dtype=np.float64)
+        scores[order] = colbert_scores(query.colbert, matrices)  # type: ignore[arg-type]
+        return scores
+
+    def _engine_colbert(self, point_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        name = self.names["colbert"]
+        found = self.shard.retrieve(list(point_ids), with_payload=False, with_vector=[name])
+        return {
+            str(r.id): np.asarray((r.vector or {}).get(name) or _NO_ROWS, dtype=np.float32)
+            for r in found
+        }
+
+    def _engine_vectors(self) -> list[str]:
+        """The vectors to read from the engine for a record (ColBERT from the row file)."""
+        parts = ("dense", "sparse") if self._rows is not None else LEG_NAMES
+        return self._vector_names(parts)
+
+    def _with_colbert_rows(self, points: Sequence[Any]) -> list[Any]:
+        """``points`` read without their ColBERT vectors, with their rows from the file (or
+        the engine's copy where the file has none)."""
+        if self._rows is None:
+            return list(points)
+        name = self.names["colbert"]
+        out, missing = [], []
+        for point in points:
+            payload = point.payload or {}
+            vectors = dict(point.vector or {})
+            rows = self._rows.rows(payload.get(ROWS_KEY))
+            if rows is not None:
+                vectors[name] = rows
+            elif "doc_id" in payload:
+                missing.append(str(point.id))
+            out.append(_Point(str(point.id), payload, 0.0, vectors))
+        if missing:
+            engine = self._engine_colbert(missing)
+            for point in out:
+                if name not in point.vector and point.id in engine:
+                    point.vector[name] = engine[point.id]
+        return out
+
     def flush(self) -> None:
         if self.shard is not None:
+            if self._rows is not None:
+                self._rows.sync()
             self.shard.flush()
 
     def finish(self) -> None:
@@ -1858,17 +2070,45 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
         the dense HNSW graph and merges segments), so that searches that follow are fast."""
         if self.shard is None or not self._dirty:
             return
+        if self._rows is not None:
+            self._compact_rows()
+            self._rows.sync()  # before the shard's flush: its points refer to these rows
         self.shard.flush()
         self.shard.optimize()
         self._dirty = False
+
+    #: Dead ColBERT rows (of replaced or deleted documents) below this size stay in the file.
+    compact_min_bytes = 64 << 20
+
+    def _compact_rows(self) -> None:
+        """Copy the live rows into a new file when the dead ones outweigh them (and pass
+        :attr:`compact_min_bytes`): then point each document at its new place, and delete the
+        old file. Killed part way, documents refer to the old or the new file, both kept."""
+        assert self._rows is not None
+        point_ids, spans = self._scan_rows(None)
+        live = [i for i, span in enumerate(spans) if self._rows.rows(span) is not None]
+        live_rows = sum(spans[i][2] for i in live)
+        dead = self._rows.dead_rows(live_rows)
+        if dead <= live_rows or dead * self._rows.row_bytes < self.compact_min_bytes:
+            return
+        live.sort(key=lambda i: _span_order(spans[i]))
+        placed = self._rows.compact([spans[i] for i in live])
+        set_payload = self._dialect.e.UpdateOperation.set_payload
+        for i, span in zip(live, placed, strict=True):
+            if span is not None:
+                self.shard.update(set_payload([point_ids[i]], {ROWS_KEY: span}))
+        self.shard.flush()
+        self._rows.retire({self._rows.generation})
+        logger.info("compacted the ColBERT rows of %s: %d dead rows removed", self._where(), dead)
 
     def close(self) -> None:
         try:
             if self.shard is not None and self._owns_shard:
                 if self._dirty:
-                    self.shard.flush()
+                    self.flush()
                 self.shard.close()
                 self.shard = None
+                self._rows = None
                 self._ready = False
         finally:
             self._release_lock()
@@ -1897,6 +2137,51 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
 #: Vector components per edge write request (float32: 64 MB): one request carries dozens of
 #: 128 x 1024 ColBERT matrices.
 _EDGE_REQUEST_FLOATS = 16_000_000
+
+#: Points per scroll page when every document's row span is read (mode="colbert").
+_SCAN_PAGE = 8192
+
+_NO_ROWS = np.zeros((0, 0), dtype=np.float32)
+
+
+@dataclass
+class _Point:
+    """A point as the stores read it (the binding's objects cannot take rows from the file)."""
+
+    id: str
+    payload: dict[str, Any] | None
+    score: float = 0.0
+    vector: dict[str, Any] = field(default_factory=dict)
+
+
+def _span_order(span: Any) -> tuple[int, int]:
+    """File order of a row span (unreadable ones last)."""
+    if isinstance(span, list) and len(span) == 3:
+        return int(span[0]), int(span[1])
+    return (2**62, 0)
+
+
+#: The row file of each shard folder open in this process: stores over one shard (``shard=``)
+#: share it, so that their appends do not overwrite each other.
+_ROW_FILES: weakref.WeakValueDictionary[Path, ColbertRowFile] = weakref.WeakValueDictionary()
+_ROW_FILES_LOCK = threading.Lock()
+
+
+def _row_file(folder: Path, dim: int, dtype: str | None = None) -> ColbertRowFile | None:
+    """The shard's row file: created in the given ``dtype``, or (``dtype=None``) the existing
+    one, ``None`` when there is none (a shard written before row files)."""
+    key = folder.resolve()
+    with _ROW_FILES_LOCK:
+        rows = _ROW_FILES.get(key)
+        if rows is not None and rows.dim == dim and rows.is_current():
+            return rows
+        if dtype is None:
+            rows = ColbertRowFile.open_existing(folder, dim)
+        else:
+            rows = ColbertRowFile(folder, dim, dtype)
+        if rows is not None:
+            _ROW_FILES[key] = rows
+        return rows
 
 
 def _lock_shard(path: Path, where: str) -> Any:
