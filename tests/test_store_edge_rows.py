@@ -358,3 +358,35 @@ def test_sigkilled_writer_leaves_rows_that_answer_like_the_reference(tmp_path: P
                     reference.search(query, params.with_overrides(k=15)),
                     1e-5,
                 )
+
+
+def test_a_failed_append_leaves_no_torn_row(tmp_path: Path) -> None:
+    """A write that fails part way (a full disk) is cut back to the last whole row: the next
+    rows land where their spans say."""
+    rows = ColbertRowFile(tmp_path / "rows", 4, "float32")
+    first = rows.append([np.full((2, 4), 1.0, np.float32)])
+    real = rows._append
+
+    class DiskFull:
+        name = real.name
+
+        def write(self, data):  # type: ignore[no-untyped-def]
+            real.write(bytes(data)[:5])
+            real.flush()
+            raise OSError(28, "No space left on device")
+
+        def flush(self) -> None:
+            real.flush()
+
+        def close(self) -> None:
+            real.close()
+
+    rows._append = DiskFull()  # type: ignore[assignment]
+    with pytest.raises(OSError, match="No space"):
+        rows.append([np.full((3, 4), 2.0, np.float32)])
+    assert (tmp_path / "rows" / "rows-0.bin").stat().st_size == 2 * 4 * 4
+    second = rows.append([np.full((1, 4), 3.0, np.float32)])
+    assert first == [[0, 0, 2]] and second == [[0, 2, 1]]
+    np.testing.assert_array_equal(rows.rows(first[0]), np.full((2, 4), 1.0, np.float32))
+    np.testing.assert_array_equal(rows.rows(second[0]), np.full((1, 4), 3.0, np.float32))
+    rows.close()

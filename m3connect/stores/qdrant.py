@@ -1851,6 +1851,7 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
         if not self._ensure():
             return
         ops = self._dialect.e.UpdateOperation
+        self._dirty = True  # finish() flushes, and compacts the deleted documents' rows
         if ids is not None:
             point_ids = self._point_ids(ids)
             if point_ids:
