@@ -1872,23 +1872,32 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
         _check_batch_size(batch_size)
         ready = self._ensure()
         scroll_filter = self._filter(filter)
+        if not ready:
+            return
         vectors = self._engine_vectors() if with_vectors else False
-        offset = None
-        while ready:
-            points, offset = self.shard.scroll(
-                self._dialect.e.ScrollRequest(
-                    offset=offset,
-                    limit=batch_size,
-                    filter=scroll_filter,
-                    with_payload=True,
-                    with_vector=vectors,
-                )
-            )
+        for points in self._pages(scroll_filter, batch_size, True, vectors):
             if with_vectors:
                 points = self._with_colbert_rows(points)
             yield from self._scrolled(points, with_vectors)
+
+    def _pages(
+        self, scroll_filter: Any, limit: int, with_payload: Any, with_vector: Any
+    ) -> Iterator[list[Any]]:
+        """The shard's points (matching ``scroll_filter``), ``limit`` per page."""
+        offset = None
+        while True:
+            points, offset = self.shard.scroll(
+                self._dialect.e.ScrollRequest(
+                    offset=offset,
+                    limit=limit,
+                    filter=scroll_filter,
+                    with_payload=with_payload,
+                    with_vector=with_vector,
+                )
+            )
+            yield points
             if offset is None:
-                break
+                return
 
     def _search(self, query: M3Embedding, params: SearchParams) -> list[Hit]:
         qv = self._query_vectors(query, params)
@@ -1981,24 +1990,13 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
         """Every document's point id and row span (matching ``scroll_filter``)."""
         point_ids: list[str] = []
         spans: list[Any] = []
-        offset = None
-        while True:
-            points, offset = self.shard.scroll(
-                self._dialect.e.ScrollRequest(
-                    offset=offset,
-                    limit=_SCAN_PAGE,
-                    filter=scroll_filter,
-                    with_payload=["doc_id", ROWS_KEY],
-                    with_vector=False,
-                )
-            )
+        for points in self._pages(scroll_filter, _SCAN_PAGE, ["doc_id", ROWS_KEY], False):
             for point in points:
                 payload = point.payload or {}
                 if "doc_id" in payload:  # not the reserved point
                     point_ids.append(str(point.id))
                     spans.append(payload.get(ROWS_KEY))
-            if offset is None:
-                return point_ids, spans
+        return point_ids, spans
 
     def _colbert_scores(
         self, query: M3Embedding, point_ids: Sequence[str], spans: Sequence[Any]
