@@ -390,3 +390,37 @@ def test_a_failed_append_leaves_no_torn_row(tmp_path: Path) -> None:
     np.testing.assert_array_equal(rows.rows(first[0]), np.full((2, 4), 1.0, np.float32))
     np.testing.assert_array_equal(rows.rows(second[0]), np.full((1, 4), 3.0, np.float32))
     rows.close()
+
+
+def test_a_long_write_flushes_every_wal_flush_bytes(tmp_path: Path) -> None:
+    """Without a flush the engine's write-ahead log keeps every request; the store flushes
+    (row file first) each ``wal_flush_bytes`` of vectors, not per call."""
+    store = QdrantEdgeStore(tmp_path / "s", fingerprint=FINGERPRINT, batch_size=5)
+    real = store.shard
+    calls: list[str] = []
+
+    class Spy:
+        def flush(self) -> None:
+            calls.append("flush")
+            real.flush()
+
+        def update(self, op):  # type: ignore[no-untyped-def]
+            calls.append("update")
+            return real.update(op)
+
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            return getattr(real, name)
+
+    data = corpus(60, seed=2)
+    per_doc = 4 * (data[1].dense.shape[1] + np.mean([len(m) for m in data[1].colbert]) * 12)
+    store.wal_flush_bytes = int(20 * per_doc)  # about every 20 documents
+    store.shard = Spy()
+    store.add(*data)
+    assert calls.count("update") == 12
+    assert 2 <= calls.count("flush") <= 4  # by bytes: not per request, not never
+    store.shard = real
+    store.close()
+    reference = InMemoryStore(fingerprint=FINGERPRINT)
+    reference.add(*data)
+    with QdrantEdgeStore(tmp_path / "s") as again:
+        same_answers(again, reference, synthetic_queries(data[1]))
