@@ -358,3 +358,69 @@ def test_sigkilled_writer_leaves_rows_that_answer_like_the_reference(tmp_path: P
                     reference.search(query, params.with_overrides(k=15)),
                     1e-5,
                 )
+
+
+def test_a_failed_append_leaves_no_torn_row(tmp_path: Path) -> None:
+    """A write that fails part way (a full disk) is cut back to the last whole row: the next
+    rows land where their spans say."""
+    rows = ColbertRowFile(tmp_path / "rows", 4, "float32")
+    first = rows.append([np.full((2, 4), 1.0, np.float32)])
+    real = rows._append
+
+    class DiskFull:
+        name = real.name
+
+        def write(self, data):  # type: ignore[no-untyped-def]
+            real.write(bytes(data)[:5])
+            real.flush()
+            raise OSError(28, "No space left on device")
+
+        def flush(self) -> None:
+            real.flush()
+
+        def close(self) -> None:
+            real.close()
+
+    rows._append = DiskFull()  # type: ignore[assignment]
+    with pytest.raises(OSError, match="No space"):
+        rows.append([np.full((3, 4), 2.0, np.float32)])
+    assert (tmp_path / "rows" / "rows-0.bin").stat().st_size == 2 * 4 * 4
+    second = rows.append([np.full((1, 4), 3.0, np.float32)])
+    assert first == [[0, 0, 2]] and second == [[0, 2, 1]]
+    np.testing.assert_array_equal(rows.rows(first[0]), np.full((2, 4), 1.0, np.float32))
+    np.testing.assert_array_equal(rows.rows(second[0]), np.full((1, 4), 3.0, np.float32))
+    rows.close()
+
+
+def test_a_long_write_flushes_every_wal_flush_bytes(tmp_path: Path) -> None:
+    """Without a flush the engine's write-ahead log keeps every request; the store flushes
+    (row file first) each ``wal_flush_bytes`` of vectors, not per call."""
+    store = QdrantEdgeStore(tmp_path / "s", fingerprint=FINGERPRINT, batch_size=5)
+    real = store.shard
+    calls: list[str] = []
+
+    class Spy:
+        def flush(self) -> None:
+            calls.append("flush")
+            real.flush()
+
+        def update(self, op):  # type: ignore[no-untyped-def]
+            calls.append("update")
+            return real.update(op)
+
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            return getattr(real, name)
+
+    data = corpus(60, seed=2)
+    per_doc = 4 * (data[1].dense.shape[1] + np.mean([len(m) for m in data[1].colbert]) * 12)
+    store.wal_flush_bytes = int(20 * per_doc)  # about every 20 documents
+    store.shard = Spy()
+    store.add(*data)
+    assert calls.count("update") == 12
+    assert 2 <= calls.count("flush") <= 4  # by bytes: not per request, not never
+    store.shard = real
+    store.close()
+    reference = InMemoryStore(fingerprint=FINGERPRINT)
+    reference.add(*data)
+    with QdrantEdgeStore(tmp_path / "s") as again:
+        same_answers(again, reference, synthetic_queries(data[1]))

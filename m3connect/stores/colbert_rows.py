@@ -19,12 +19,15 @@ the live rows into a new generation file when the dead ones outweigh them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -55,11 +58,14 @@ class ColbertRowFile:
         # written after its rows), so it is cut off.
         size = path.stat().st_size if path.exists() else 0
         whole = size - size % self.row_bytes
-        self._append = open(path, "ab")  # noqa: SIM115 - kept open for appends
+        self._append: BinaryIO = open(path, "ab")  # noqa: SIM115 - kept open for appends
         if whole != size:
             self._append.truncate(whole)
         self.rows_written = whole // self.row_bytes
         self._maps: dict[int, np.ndarray] = {}
+        # Appends and (re)mappings from several threads of one store (reads of mapped rows
+        # need no lock).
+        self._lock = threading.RLock()
 
     # --- the folder ---------------------------------------------------------------------------
 
@@ -110,21 +116,32 @@ class ColbertRowFile:
         """Write each matrix's rows at the end of the current file; their places
         (``[generation, first row, row count]``). The bytes reach the operating system before
         this returns (a killed process keeps them), and the disk with :meth:`sync`."""
+        with self._lock:
+            return self._append_locked(matrices)
+
+    def _append_locked(self, matrices: Sequence[np.ndarray]) -> list[list[int]]:
         spans = []
         for matrix in matrices:
             rows = np.ascontiguousarray(matrix, dtype=self.dtype)
             if rows.ndim != 2 or (len(rows) and rows.shape[1] != self.dim):
                 raise ValueError(f"ColBERT rows of shape {rows.shape}, the file holds {self.dim}")
-            self._append.write(rows.data)
+            try:
+                self._append.write(rows.data)
+                self._append.flush()
+            except BaseException:
+                # A failed write (a full disk) may leave part of a row: cut the file back to
+                # its last whole row, so that later rows stay where their spans say.
+                self._append = _reopened_at(self._append, self.rows_written * self.row_bytes)
+                raise
             spans.append([self.generation, self.rows_written, len(rows)])
             self.rows_written += len(rows)
-        self._append.flush()
         return spans
 
     def sync(self) -> None:
         """Make the written rows durable (the end of a job, before the shard's own flush)."""
-        self._append.flush()
-        os.fsync(self._append.fileno())
+        with self._lock:
+            self._append.flush()
+            os.fsync(self._append.fileno())
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -150,6 +167,10 @@ class ColbertRowFile:
 
     def _mapped(self, generation: int, rows: int) -> np.ndarray | None:
         """The file of ``generation`` mapped with at least ``rows`` rows (remapped as it grows)."""
+        with self._lock:
+            return self._mapped_locked(generation, rows)
+
+    def _mapped_locked(self, generation: int, rows: int) -> np.ndarray | None:
         mapped = self._maps.get(generation)
         if mapped is not None and len(mapped) >= rows:
             return mapped
@@ -228,3 +249,14 @@ class ColbertRowFile:
         self._maps.clear()
         if not self._append.closed:
             self._append.close()
+
+
+def _reopened_at(handle: BinaryIO, size: int) -> BinaryIO:
+    """``handle``'s file cut to ``size`` bytes, open again for appends (the old handle may hold
+    unwritten bytes in its buffer: they are dropped, not written later)."""
+    path = handle.name
+    with contextlib.suppress(OSError):  # its buffer could not be written either
+        handle.close()
+    with open(path, "r+b") as f:
+        f.truncate(size)
+    return open(path, "ab")  # noqa: SIM115 - kept open for appends
