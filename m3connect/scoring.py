@@ -128,6 +128,11 @@ def colbert_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:
 
 def _block_maxsim(query_t: np.ndarray, docs: Sequence[np.ndarray], rows: int) -> np.ndarray:
     """ColBERT means of non-empty ``docs`` (``rows`` rows in all) in one matrix product."""
+    if all(_multiplies_in_place(doc) for doc in docs):
+        # float32 rows BLAS reads where they lie (a memory-mapped file, an array per
+        # document): one product per document, no copy.
+        best = np.stack([(doc @ query_t).max(axis=0) for doc in docs])
+        return best.mean(axis=1, dtype=np.float64)
     sims = _block_matrix(docs, rows, query_t.shape[0]) @ query_t  # [rows, m]
     if len(docs) == 1:
         best = sims.max(axis=0, keepdims=True)
@@ -136,6 +141,19 @@ def _block_maxsim(query_t: np.ndarray, docs: Sequence[np.ndarray], rows: int) ->
         np.cumsum([len(doc) for doc in docs[:-1]], out=offsets[1:])
         best = np.maximum.reduceat(sims, offsets, axis=0)  # [docs, m]
     return best.mean(axis=1, dtype=np.float64)
+
+
+#: Rows from which a float32 document is multiplied where it lies rather than packed.
+_IN_PLACE_ROWS = 32
+
+
+def _multiplies_in_place(doc: np.ndarray) -> bool:
+    return (
+        isinstance(doc, np.ndarray)
+        and doc.dtype == np.float32
+        and doc.flags.c_contiguous
+        and len(doc) >= _IN_PLACE_ROWS
+    )
 
 
 def _block_matrix(docs: Sequence[np.ndarray], rows: int, dim: int) -> np.ndarray:

@@ -3,9 +3,10 @@
 qdrant-edge keeps each document's ColBERT matrix in its own storage and scores it with its own
 MaxSim, several times slower than a float32 matrix product; its Python binding hands vectors
 back as lists of Python floats (about 1 ms per row), so reading them to score here is slower
-still. :class:`ColbertRowFile` keeps a second copy of the rows, in the store's dtype, in a
-plain append-only file that is memory-mapped for reading: a re-rank reads its candidates' rows
-straight from the page cache into :func:`m3connect.scoring.colbert_scores`.
+still. :class:`ColbertRowFile` keeps a second copy of the rows, in float32 (the store's float16
+values are exact in it), in a plain append-only file that is memory-mapped for reading: a
+re-rank multiplies its candidates' rows where they lie in the page cache
+(:func:`m3connect.scoring.colbert_scores`), with no conversion or copy.
 
 The shard stays the source of truth. Each point's payload holds its rows' place in the file,
 ``[generation, first row, row count]`` (:data:`ROWS_KEY`). Rows are written and handed to the

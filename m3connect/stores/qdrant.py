@@ -331,6 +331,7 @@ class _QdrantBase(StoreBase):
         self._half_colbert = False
         #: The largest ColBERT row norm this store wrote (BGE-M3's rows are unit vectors).
         self._colbert_row_norm = 1.0
+        self._stored_colbert_dtype = np.dtype(np.float32)
 
     # --- schema ---------------------------------------------------------------------------
 
@@ -403,6 +404,14 @@ class _QdrantBase(StoreBase):
             and colbert is not None
             and colbert.datatype == "float16"
             and self._engine_uses_datatype()
+        )
+        #: What the engine keeps of a ColBERT value (a copy elsewhere must keep the same).
+        self._stored_colbert_dtype = np.dtype(
+            np.float16
+            if colbert is not None
+            and colbert.datatype == "float16"
+            and self._engine_uses_datatype()
+            else np.float32
         )
 
     def _engine_uses_datatype(self) -> bool:
@@ -1779,12 +1788,10 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
                 self._store_fingerprint()
                 if config_file.exists():
                     self._check_schema(self._dialect.schema(json.loads(config_file.read_text())))
-                half = self.colbert_dtype == np.float16
-                self._rows = _row_file(
-                    self._rows_folder(),
-                    self.fingerprint.colbert_dim,
-                    "float16" if half else "float32",
-                )
+                # float32 rows (float16 values are exact in it): BLAS multiplies them where
+                # they lie in the mapped file, while float16 ones would first be converted,
+                # which costs as much as the product (twice the disk for float16 stores).
+                self._rows = _row_file(self._rows_folder(), self.fingerprint.colbert_dim, "float32")
                 self._ready = True
             return
         if config_file.exists():
@@ -1829,7 +1836,11 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
             extras = None
             if self._rows is not None:
                 # The rows first: a point never refers to rows that are not in the file.
-                spans = self._rows.append([batch.embeddings.colbert[i] for i in rows])  # type: ignore[index]
+                # The values the engine keeps (float16 storage rounds them), in the file's dtype.
+                stored = self._stored_colbert_dtype
+                spans = self._rows.append(
+                    [batch.embeddings.colbert[i].astype(stored, copy=False) for i in rows]  # type: ignore[index]
+                )
                 extras = [{ROWS_KEY: span} for span in spans]
             self.shard.update(upsert(self._points(batch, rows, extras)))
             self._unflushed_bytes += 4 * sum(
