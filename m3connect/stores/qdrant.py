@@ -399,12 +399,6 @@ class _QdrantBase(StoreBase):
         if fp is None and dense is not None and colbert is not None:
             # Nothing says which model wrote it: at least refuse vectors of other dimensions.
             self.fingerprint = ModelFingerprint("unknown", dense.size, colbert.size)
-        self._half_colbert = (
-            self.exact_float16
-            and colbert is not None
-            and colbert.datatype == "float16"
-            and self._engine_uses_datatype()
-        )
         #: What the engine keeps of a ColBERT value (a copy elsewhere must keep the same).
         self._stored_colbert_dtype = np.dtype(
             np.float16
@@ -413,6 +407,7 @@ class _QdrantBase(StoreBase):
             and self._engine_uses_datatype()
             else np.float32
         )
+        self._half_colbert = self.exact_float16 and self._stored_colbert_dtype == np.float16
 
     def _engine_uses_datatype(self) -> bool:
         return True
@@ -1929,13 +1924,15 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
 
     def _search(self, query: M3Embedding, params: SearchParams) -> list[Hit]:
         qv = self._query_vectors(query, params)
-        plan = self._plan(params, qv)
         ready = self._ensure()
         query_filter = self._filter(params.filter, search=True)
-        if plan is None or not ready:
+        if not ready:
             return []
         if self._rows_score(params):
             return self._search_with_rows(query, params, qv, query_filter)
+        plan = self._plan(params, qv)
+        if plan is None:
+            return []
         points = self.shard.query(self._request(plan, qv, query_filter))
         by_id = []
         batch = self._by_id_requests(plan, qv, points)
