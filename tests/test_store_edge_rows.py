@@ -8,6 +8,8 @@ import logging
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from m3connect.stores.memory import InMemoryStore
 
 pytest.importorskip("qdrant_edge")
 
+from m3connect.stores import colbert_rows  # noqa: E402
 from m3connect.stores.colbert_rows import ROWS_KEY, ColbertRowFile  # noqa: E402
 from m3connect.stores.qdrant import QdrantEdgeStore  # noqa: E402
 
@@ -361,36 +364,91 @@ def test_sigkilled_writer_leaves_rows_that_answer_like_the_reference(tmp_path: P
                 )
 
 
-def test_a_failed_append_leaves_no_torn_row(tmp_path: Path) -> None:
+def test_a_failed_append_leaves_no_torn_row(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A write that fails part way (a full disk) is cut back to the last whole row: the next
     rows land where their spans say."""
     rows = ColbertRowFile(tmp_path / "rows", 4, "float32")
     first = rows.append([np.full((2, 4), 1.0, np.float32)])
-    real = rows._append
+    real = colbert_rows._pwritev
 
-    class DiskFull:
-        name = real.name
+    def disk_full(fd, views, offset):  # type: ignore[no-untyped-def]
+        real(fd, [bytes(views[0])[:5]], offset)
+        raise OSError(28, "No space left on device")
 
-        def write(self, data):  # type: ignore[no-untyped-def]
-            real.write(bytes(data)[:5])
-            real.flush()
-            raise OSError(28, "No space left on device")
-
-        def flush(self) -> None:
-            real.flush()
-
-        def close(self) -> None:
-            real.close()
-
-    rows._append = DiskFull()  # type: ignore[assignment]
+    monkeypatch.setattr(colbert_rows, "_pwritev", disk_full)
     with pytest.raises(OSError, match="No space"):
         rows.append([np.full((3, 4), 2.0, np.float32)])
     assert (tmp_path / "rows" / "rows-0.bin").stat().st_size == 2 * 4 * 4
+    monkeypatch.setattr(colbert_rows, "_pwritev", real)
     second = rows.append([np.full((1, 4), 3.0, np.float32)])
     assert first == [[0, 0, 2]] and second == [[0, 2, 1]]
     np.testing.assert_array_equal(rows.rows(first[0]), np.full((2, 4), 1.0, np.float32))
     np.testing.assert_array_equal(rows.rows(second[0]), np.full((1, 4), 3.0, np.float32))
     rows.close()
+
+
+def test_writes_queued_behind_a_failed_one_fail_too(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Writes run in the background in reservation order. When one fails, those reserved
+    after it would land past the end of the file: they fail as well (their points are never
+    sent), and the next reservation starts at the last whole row."""
+    rows = ColbertRowFile(tmp_path / "rows", 4, "float32")
+    real = colbert_rows._pwritev
+    started, release = threading.Event(), threading.Event()
+
+    def slow_then_full(fd, views, offset):  # type: ignore[no-untyped-def]
+        started.set()
+        release.wait(10)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(colbert_rows, "_pwritev", slow_then_full)
+    spans_a, written_a = rows.append_later([np.full((2, 4), 1.0, np.float32)])
+    assert started.wait(10)
+    spans_b, written_b = rows.append_later([np.full((3, 4), 2.0, np.float32)])
+    assert spans_a == [[0, 0, 2]] and spans_b == [[0, 2, 3]]
+    monkeypatch.setattr(colbert_rows, "_pwritev", real)
+    release.set()
+    with pytest.raises(OSError, match="No space"):
+        written_a.result(10)
+    with pytest.raises(OSError, match="earlier write"):
+        written_b.result(10)
+    assert rows.rows(spans_b[0]) is None
+    spans_c = rows.append([np.full((1, 4), 3.0, np.float32)])
+    assert spans_c == [[0, 0, 1]] and rows.rows_written == 1
+    np.testing.assert_array_equal(rows.rows(spans_c[0]), np.full((1, 4), 3.0, np.float32))
+    rows.close()
+
+
+def test_points_are_sent_only_after_their_rows_are_in_the_file(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The rows of a request are written in the background while its points are built; the
+    points go to the engine only once every row they refer to is in the file."""
+    store = QdrantEdgeStore(tmp_path / "s", fingerprint=FINGERPRINT, batch_size=4)
+    real_shard, real_write = store.shard, colbert_rows._pwritev
+    seen: list[tuple[int, int]] = []
+
+    def slow_write(fd, views, offset):  # type: ignore[no-untyped-def]
+        time.sleep(0.05)  # later than the points are ready
+        return real_write(fd, views, offset)
+
+    class Spy:
+        def update(self, op):  # type: ignore[no-untyped-def]
+            file_rows = rows_file(tmp_path / "s").stat().st_size // store._rows.row_bytes
+            seen.append((file_rows, store._rows._rows_reserved))
+            return real_shard.update(op)
+
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            return getattr(real_shard, name)
+
+    monkeypatch.setattr(colbert_rows, "_pwritev", slow_write)
+    store.shard = Spy()
+    data = corpus(40, seed=4)
+    store.add(*data)
+    assert len(seen) == 10 and seen[-1][1] == sum(len(m) for m in data[1].colbert)
+    assert all(in_file == reserved for in_file, reserved in seen)
+    store.shard = real_shard
+    reference = InMemoryStore(fingerprint=FINGERPRINT)
+    reference.add(*data)
+    same_answers(store, reference, synthetic_queries(data[1]))
+    store.close()
 
 
 def test_a_long_write_flushes_every_wal_flush_bytes(tmp_path: Path) -> None:

@@ -20,15 +20,15 @@ the live rows into a new generation file when the dead ones outweigh them.
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import logging
 import mmap
 import os
 import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -59,14 +59,19 @@ class ColbertRowFile:
         # written after its rows), so it is cut off.
         size = path.stat().st_size if path.exists() else 0
         whole = size - size % self.row_bytes
-        self._append: BinaryIO = open(path, "ab")  # noqa: SIM115 - kept open for appends
+        self._file = _open_for_writes(path)
         if whole != size:
-            self._append.truncate(whole)
+            self._file.truncate(whole)
+        #: Rows in the file (written and handed to the operating system).
         self.rows_written = whole // self.row_bytes
+        #: Rows in the file or being written (the end of the last span given out).
+        self._rows_reserved = self.rows_written
         self._maps: dict[int, np.ndarray] = {}
-        # Appends and (re)mappings from several threads of one store (reads of mapped rows
-        # need no lock).
+        # Reservations and (re)mappings from several threads (reads of mapped rows need no
+        # lock); the writes themselves run on one background thread, in reservation order.
         self._lock = threading.RLock()
+        self._writer: ThreadPoolExecutor | None = None
+        self._writer_pid = 0
 
     # --- the folder ---------------------------------------------------------------------------
 
@@ -117,32 +122,76 @@ class ColbertRowFile:
         """Write each matrix's rows at the end of the current file; their places
         (``[generation, first row, row count]``). The bytes reach the operating system before
         this returns (a killed process keeps them), and the disk with :meth:`sync`."""
-        with self._lock:
-            return self._append_locked(matrices)
+        spans, written = self.append_later(matrices)
+        written.result()
+        return spans
 
-    def _append_locked(self, matrices: Sequence[np.ndarray]) -> list[list[int]]:
-        spans = []
+    def append_later(self, matrices: Sequence[np.ndarray]) -> tuple[list[list[int]], Future[None]]:
+        """Give each matrix's rows a place at the end of the current file and start writing them
+        on a background thread: their places now, and a future that is done when the bytes are
+        in the operating system's hands (its ``result()`` raises if the write failed).
+
+        A writer prepares the points that refer to these rows while they are written (the
+        write syscall runs without the GIL), and waits for the future before it sends them:
+        a point never refers to rows that are not in the file. Writes land in the order of
+        their reservations; a failed one is cut back to the last whole row, and the writes
+        reserved after it fail too (their places are no longer the end of the file)."""
+        buffers = []
         for matrix in matrices:
             rows = np.ascontiguousarray(matrix, dtype=self.dtype)
             if rows.ndim != 2 or (len(rows) and rows.shape[1] != self.dim):
                 raise ValueError(f"ColBERT rows of shape {rows.shape}, the file holds {self.dim}")
-            try:
-                self._append.write(rows.data)
-                self._append.flush()
-            except BaseException:
-                # A failed write (a full disk) may leave part of a row: cut the file back to
-                # its last whole row, so that later rows stay where their spans say.
-                self._append = _reopened_at(self._append, self.rows_written * self.row_bytes)
-                raise
-            spans.append([self.generation, self.rows_written, len(rows)])
-            self.rows_written += len(rows)
-        return spans
+            buffers.append(rows)
+        with self._lock:
+            start = at = self._rows_reserved
+            spans = []
+            for rows in buffers:
+                spans.append([self.generation, at, len(rows)])
+                at += len(rows)
+            self._rows_reserved = at
+            written = self._background().submit(self._write, self.generation, start, at, buffers)
+        return spans, written
+
+    def _background(self) -> ThreadPoolExecutor:
+        """The writer thread (made again in a forked child, where the parent's is gone)."""
+        if self._writer is None or self._writer_pid != os.getpid():
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="m3connect-colbert-rows")
+            self._writer_pid = os.getpid()
+        return self._writer
+
+    def _write(self, generation: int, start: int, end: int, buffers: list[np.ndarray]) -> None:
+        """Write ``buffers`` as rows ``start`` to ``end`` (on the writer thread)."""
+        if generation != self.generation or start != self.rows_written:
+            raise OSError(
+                f"ColBERT rows {start}-{end} of {self.folder} were not written: an earlier "
+                "write to the file failed"
+            )
+        if start == end:
+            return
+        try:
+            _write_all(self._file.fileno(), buffers, start * self.row_bytes)
+        except BaseException:
+            # A failed write (a full disk) may leave part of a row: cut the file back to its
+            # last whole row, so that later rows stay where their spans say.
+            with self._lock:
+                try:
+                    self._file.truncate(self.rows_written * self.row_bytes)
+                finally:
+                    self._rows_reserved = self.rows_written
+            raise
+        self.rows_written = end
 
     def sync(self) -> None:
         """Make the written rows durable (the end of a job, before the shard's own flush)."""
+        self._drain()
+        os.fsync(self._file.fileno())
+
+    def _drain(self) -> None:
+        """Wait for the writes reserved so far (whether or not they succeeded)."""
         with self._lock:
-            self._append.flush()
-            os.fsync(self._append.fileno())
+            writer = self._writer
+        if writer is not None and self._writer_pid == os.getpid():
+            writer.submit(lambda: None).result()
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -175,8 +224,6 @@ class ColbertRowFile:
         mapped = self._maps.get(generation)
         if mapped is not None and len(mapped) >= rows:
             return mapped
-        if generation == self.generation:
-            self._append.flush()
         path = self._path(generation)
         try:
             size = path.stat().st_size // self.row_bytes
@@ -207,6 +254,7 @@ class ColbertRowFile:
         """Copy the rows at ``spans`` (the live ones, ideally in file order) into a new
         generation file, made durable; their new places (``None`` where a span was not
         readable). The caller points the shard at them, then calls :meth:`retire`."""
+        self._drain()
         new = self.generation + 1
         path = self._path(new)
         placed: list[list[int] | None] = []
@@ -222,10 +270,11 @@ class ColbertRowFile:
                 at += len(rows)
             out.flush()
             os.fsync(out.fileno())
-        self._append.close()
-        self._append = open(path, "ab")  # noqa: SIM115 - kept open for appends
-        self.generation = new
-        self.rows_written = at
+        with self._lock:
+            self._file.close()
+            self._file = _open_for_writes(path)
+            self.generation = new
+            self.rows_written = self._rows_reserved = at
         return placed
 
     def retire(self, keep: Iterable[int]) -> None:
@@ -240,24 +289,52 @@ class ColbertRowFile:
         """Whether this object still writes to the folder's current file (not one that was
         deleted, as when the shard was dropped)."""
         try:
-            open_file = os.fstat(self._append.fileno())
+            open_file = os.fstat(self._file.fileno())
             on_disk = self._path(self.generation).stat()
         except (OSError, ValueError):
             return False
         return (open_file.st_dev, open_file.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
     def close(self) -> None:
+        if self._file.closed:
+            return
+        self._drain()
+        if self._writer is not None and self._writer_pid == os.getpid():
+            self._writer.shutdown()
+        self._writer = None
         self._maps.clear()
-        if not self._append.closed:
-            self._append.close()
+        self._file.close()
 
 
-def _reopened_at(handle: BinaryIO, size: int) -> BinaryIO:
-    """``handle``'s file cut to ``size`` bytes, open again for appends (the old handle may hold
-    unwritten bytes in its buffer: they are dropped, not written later)."""
-    path = handle.name
-    with contextlib.suppress(OSError):  # its buffer could not be written either
-        handle.close()
-    with open(path, "r+b") as f:
-        f.truncate(size)
-    return open(path, "ab")  # noqa: SIM115 - kept open for appends
+def _open_for_writes(path: Path) -> io.FileIO:
+    """The file, created if missing, open for unbuffered writes at given offsets (not
+    appends: a write goes where its rows' spans say)."""
+    return io.FileIO(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644), "wb", closefd=True)
+
+
+def _write_all(fd: int, buffers: Sequence[np.ndarray], offset: int) -> None:
+    """Write ``buffers`` one after the other at ``offset``: one ``pwritev`` syscall for all of
+    them (the GIL is released for its whole length), repeated after a partial write."""
+    views = [memoryview(b).cast("B") for b in buffers if b.nbytes]
+    while views:
+        done = _pwritev(fd, views[:_IOV_MAX], offset)
+        if done <= 0:
+            raise OSError(f"writing ColBERT rows at byte {offset} wrote nothing")
+        offset += done
+        while views and done >= len(views[0]):
+            done -= len(views[0])
+            views.pop(0)
+        if done:
+            views[0] = views[0][done:]
+
+
+def _pwritev_fallback(fd: int, views: Sequence[memoryview], offset: int) -> int:
+    """``os.pwritev`` where the platform has none (macOS, Windows): one buffer at a time."""
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.write(fd, views[0])
+
+
+_pwritev = getattr(os, "pwritev", _pwritev_fallback)
+
+#: Buffers per pwritev call (the kernel's IOV_MAX).
+_IOV_MAX = 1024

@@ -483,8 +483,10 @@ class _QdrantBase(StoreBase):
         batch: PreparedBatch,
         rows: Sequence[int],
         extras: Sequence[Mapping[str, Any]] | None = None,
+        colbert: Sequence[np.ndarray] | None = None,
     ) -> list[Any]:
-        """The points of ``rows``; ``extras`` adds to each one's payload."""
+        """The points of ``rows``; ``extras`` adds to each one's payload; ``colbert`` gives
+        their ColBERT matrices already in float32."""
         d = self._dialect
         emb = batch.embeddings
         points = []
@@ -492,7 +494,9 @@ class _QdrantBase(StoreBase):
             weights = emb.sparse[i]  # type: ignore[index]
             # Nested lists of Python floats are the fastest input the clients take (a numpy
             # array is read element by element through the sequence protocol, ~2x slower).
-            matrix = emb.colbert[i].astype(np.float32)  # type: ignore[index]
+            matrix = (
+                colbert[j] if colbert is not None else emb.colbert[i].astype(np.float32)  # type: ignore[index]
+            )
             if len(matrix):
                 squares = np.einsum("ij,ij->i", matrix, matrix)
                 self._colbert_row_norm = max(self._colbert_row_norm, float(squares.max()) ** 0.5)
@@ -1828,16 +1832,24 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
         upsert = self._dialect.e.UpdateOperation.upsert_points
         self._dirty = True
         for rows in self._chunks(batch):
-            extras = None
-            if self._rows is not None:
-                # The rows first: a point never refers to rows that are not in the file.
-                # The values the engine keeps (float16 storage rounds them), in the file's dtype.
+            if self._rows is None:
+                self.shard.update(upsert(self._points(batch, rows)))
+            else:
+                # The values the engine keeps (float16 storage rounds them) as float32: the
+                # row file's rows and the points' lists (the engine rounds them again, to the
+                # same values) come from one conversion.
                 stored = self._stored_colbert_dtype
-                spans = self._rows.append(
-                    [batch.embeddings.colbert[i].astype(stored, copy=False) for i in rows]  # type: ignore[index]
-                )
+                colbert = [
+                    batch.embeddings.colbert[i].astype(stored, copy=False).astype(np.float32)  # type: ignore[index]
+                    for i in rows
+                ]
+                # The rows are written while the points are built (the write runs without the
+                # GIL), and are in the file before the points that refer to them are sent.
+                spans, written = self._rows.append_later(colbert)
                 extras = [{ROWS_KEY: span} for span in spans]
-            self.shard.update(upsert(self._points(batch, rows, extras)))
+                points = self._points(batch, rows, extras, colbert)
+                written.result()
+                self.shard.update(upsert(points))
             self._unflushed_bytes += 4 * sum(
                 batch.embeddings.colbert[i].size + batch.embeddings.dense.shape[1]  # type: ignore[index,union-attr]
                 for i in rows
