@@ -114,19 +114,20 @@ def colbert_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:
             task_size += rows
         start = stop
 
+    half = any(isinstance(doc, np.ndarray) and doc.dtype == np.float16 for doc in docs)
+    # torch multiplies only in IEEE float32 (a process may have allowed bf16 or tf32 matmuls).
+    torch_mm = half and _torch_matmul_is_float32()
+
     def run(task: list[tuple[list[int], int]]) -> None:
         for members, rows in task:
-            out[members] = _block_maxsim(query_t, [docs[i] for i in members], rows)
+            out[members] = _block_maxsim(query_t, [docs[i] for i in members], rows, torch_mm)
 
     # Worker threads (numpy and torch release the GIL) each run one-threaded products: a
     # block is too small for BLAS's own threads, whose start and join per product cost more
     # than the product on a busy machine.
     # float16 blocks go to the workers even alone: there torch converts and multiplies in one
     # thread (see _serial_torch); the calling thread's torch may run parallel regions.
-    in_caller = len(tasks) == 1 and not (
-        _torch() is not None
-        and any(isinstance(doc, np.ndarray) and doc.dtype == np.float16 for doc in docs)
-    )
+    in_caller = len(tasks) == 1 and not (half and _torch() is not None)
     with _one_blas_thread():
         if in_caller:
             for task in tasks:
@@ -137,7 +138,9 @@ def colbert_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _block_maxsim(query_t: np.ndarray, docs: Sequence[np.ndarray], rows: int) -> np.ndarray:
+def _block_maxsim(
+    query_t: np.ndarray, docs: Sequence[np.ndarray], rows: int, torch_mm: bool = False
+) -> np.ndarray:
     """ColBERT means of non-empty ``docs`` (``rows`` rows in all) in one matrix product."""
     if all(_multiplies_in_place(doc) for doc in docs):
         # float32 rows BLAS reads where they lie (a memory-mapped file, an array per
@@ -150,7 +153,7 @@ def _block_maxsim(query_t: np.ndarray, docs: Sequence[np.ndarray], rows: int) ->
         # torch's BLAS, both in this thread: the product and its input stay in this core's cache.
         matrix = _scratch_rows("float32", rows, query_t.shape[0])
         _pack_rows_torch(torch, docs, matrix)
-        if _torch_multiplies_here(torch):  # MKL's kernel: faster than OpenBLAS's at m ~ 32
+        if torch_mm and _torch_multiplies_here(torch):  # MKL: faster than OpenBLAS at m ~ 32
             sims = torch.mm(torch.from_numpy(matrix), torch.from_numpy(query_t)).numpy()
         else:
             sims = matrix @ query_t
@@ -339,6 +342,29 @@ def _torch_multiplies_here(torch) -> bool:  # type: ignore[no-untyped-def]
         if not ok:
             logger.debug("torch's MKL is multi-threaded in ColBERT workers; numpy multiplies")
     return ok
+
+
+def _torch_matmul_is_float32() -> bool:
+    """Whether torch's CPU matrix products are plain float32 now: no bf16 or tf32 allowed by
+    ``torch.set_float32_matmul_precision`` or the ``fp32_precision`` settings (checked at
+    every level, on each call: they are process-wide and may change). ``False`` without torch
+    or when unsure."""
+    torch = _torch()
+    if torch is None:
+        return False
+    try:
+        if torch.get_float32_matmul_precision() != "highest":
+            return False
+        backends = torch.backends
+        mkldnn = getattr(backends, "mkldnn", None)
+        levels = (
+            getattr(backends, "fp32_precision", None),
+            getattr(mkldnn, "fp32_precision", None),
+            getattr(getattr(mkldnn, "matmul", None), "fp32_precision", None),
+        )
+    except RuntimeError:  # legacy and new precision settings mixed: unsure
+        return False
+    return all(level in (None, "none", "ieee") for level in levels)
 
 
 _TORCH_MKL: Any = None

@@ -334,3 +334,30 @@ def test_colbert_float16_runs_torch_one_threaded_in_the_workers_only():
     )
     assert seen == {(1, True)}
     assert scoring._serial_torch() is None  # not a worker: the caller's torch is left alone
+
+
+@pytest.mark.parametrize("setting", ["legacy medium", "mkldnn matmul bf16"])
+def test_colbert_float16_stays_float32_when_torch_allows_lower_precision_matmuls(setting):
+    """A process that lets torch multiply float32 in bf16 (training scripts do) still gets
+    float32 ColBERT scores: the workers' product falls back to numpy then."""
+    torch = pytest.importorskip("torch")
+    from m3connect import scoring
+
+    rng = np.random.default_rng(13)
+    q = rng.normal(size=(32, 256)).astype(np.float32)
+    docs = [rng.normal(size=(64, 256)).astype(np.float16) for _ in range(6)]
+    expected = _colbert_by_loop(q, docs)
+    matmul = torch.backends.mkldnn.matmul
+    try:
+        if setting == "legacy medium":
+            torch.set_float32_matmul_precision("medium")
+        else:
+            matmul.fp32_precision = "bf16"
+        assert not scoring._torch_matmul_is_float32()
+        np.testing.assert_allclose(colbert_scores(q, docs), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        if setting == "legacy medium":
+            torch.set_float32_matmul_precision("highest")
+        else:
+            matmul.fp32_precision = "none"
+    assert scoring._torch_matmul_is_float32()
