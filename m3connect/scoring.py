@@ -127,7 +127,7 @@ def colbert_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:
     # than the product on a busy machine.
     # float16 blocks go to the workers even alone: there torch converts and multiplies in one
     # thread (see _serial_torch); the calling thread's torch may run parallel regions.
-    in_caller = len(tasks) == 1 and not (half and _torch() is not None)
+    in_caller = (len(tasks) == 1 or _WORKERS == 1) and not (half and _torch() is not None)
     with _one_blas_thread():
         if in_caller:
             for task in tasks:
@@ -337,8 +337,12 @@ def _torch_multiplies_here(torch) -> bool:  # type: ignore[no-untyped-def]
     read here): numpy multiplies then (its BLAS is one-threaded during scoring)."""
     ok = getattr(_scratch, "torch_mm", None)
     if ok is None:
-        mkl = _torch_mkl(torch)
-        ok = _scratch.torch_mm = mkl is None or int(mkl.MKL_Get_Max_Threads()) == 1
+        if torch.backends.mkl.is_available():  # one thread, or unknown: not ok
+            mkl = _torch_mkl(torch)
+            ok = mkl is not None and int(mkl.MKL_Get_Max_Threads()) == 1
+        else:  # torch's BLAS follows this thread's OpenMP count
+            ok = True
+        _scratch.torch_mm = ok
         if not ok:
             logger.debug("torch's MKL is multi-threaded in ColBERT workers; numpy multiplies")
     return ok
@@ -371,11 +375,12 @@ _TORCH_MKL: Any = None
 
 
 def _torch_mkl(torch):  # type: ignore[no-untyped-def]
-    """The MKL linked into torch's CPU library (threadpoolctl does not see it), or ``None``."""
+    """The MKL linked into torch's CPU library (threadpoolctl does not see it), or ``None``.
+    Only its no-argument ``MKL_Get_Max_Threads`` is called."""
     global _TORCH_MKL
-    if _TORCH_MKL is None:
-        _TORCH_MKL = False
-        if torch.backends.mkl.is_available():
+    with _BLAS_LOCK:
+        if _TORCH_MKL is None:
+            _TORCH_MKL = False
             for path in sorted(Path(torch.__file__).parent.joinpath("lib").glob("libtorch_cpu.*")):
                 try:
                     lib = ctypes.CDLL(str(path))
