@@ -8,17 +8,22 @@ database computes (a MaxSim *sum*, Elasticsearch's ``(1 + dot) / 2``) back to th
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import logging
 import os
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from m3connect.types import M3Embedding, M3Output
+
+logger = logging.getLogger(__name__)
 
 #: The reference README's weights for (dense, sparse, colbert).
 DEFAULT_WEIGHTS: tuple[float, float, float] = (0.4, 0.2, 0.4)
@@ -109,15 +114,22 @@ def colbert_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:
             task_size += rows
         start = stop
 
+    half = any(isinstance(doc, np.ndarray) and doc.dtype == np.float16 for doc in docs)
+    # torch multiplies only in IEEE float32 (a process may have allowed bf16 or tf32 matmuls).
+    torch_mm = half and _torch_matmul_is_float32()
+
     def run(task: list[tuple[list[int], int]]) -> None:
         for members, rows in task:
-            out[members] = _block_maxsim(query_t, [docs[i] for i in members], rows)
+            out[members] = _block_maxsim(query_t, [docs[i] for i in members], rows, torch_mm)
 
     # Worker threads (numpy and torch release the GIL) each run one-threaded products: a
     # block is too small for BLAS's own threads, whose start and join per product cost more
     # than the product on a busy machine.
+    # float16 blocks go to the workers even alone: there torch converts and multiplies in one
+    # thread (see _serial_torch); the calling thread's torch may run parallel regions.
+    in_caller = (len(tasks) == 1 or _WORKERS == 1) and not (half and _torch() is not None)
     with _one_blas_thread():
-        if len(tasks) == 1 or _WORKERS == 1:
+        if in_caller:
             for task in tasks:
                 run(task)
         else:
@@ -126,14 +138,27 @@ def colbert_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _block_maxsim(query_t: np.ndarray, docs: Sequence[np.ndarray], rows: int) -> np.ndarray:
+def _block_maxsim(
+    query_t: np.ndarray, docs: Sequence[np.ndarray], rows: int, torch_mm: bool = False
+) -> np.ndarray:
     """ColBERT means of non-empty ``docs`` (``rows`` rows in all) in one matrix product."""
     if all(_multiplies_in_place(doc) for doc in docs):
         # float32 rows BLAS reads where they lie (a memory-mapped file, an array per
         # document): one product per document, no copy.
         best = np.stack([(doc @ query_t).max(axis=0) for doc in docs])
         return best.mean(axis=1, dtype=np.float64)
-    sims = _block_matrix(docs, rows, query_t.shape[0]) @ query_t  # [rows, m]
+    torch = _serial_torch()
+    if torch is not None and any(getattr(doc, "dtype", None) == np.float16 for doc in docs):
+        # Converted into the scratch block one call per document and multiplied there by
+        # torch's BLAS, both in this thread: the product and its input stay in this core's cache.
+        matrix = _scratch_rows("float32", rows, query_t.shape[0])
+        _pack_rows_torch(torch, docs, matrix)
+        if torch_mm and _torch_multiplies_here(torch):  # MKL: faster than OpenBLAS at m ~ 32
+            sims = torch.mm(torch.from_numpy(matrix), torch.from_numpy(query_t)).numpy()
+        else:
+            sims = matrix @ query_t
+    else:
+        sims = _block_matrix(docs, rows, query_t.shape[0]) @ query_t  # [rows, m]
     if len(docs) == 1:
         best = sims.max(axis=0, keepdims=True)
     else:
@@ -178,6 +203,33 @@ def _block_matrix(docs: Sequence[np.ndarray], rows: int, dim: int) -> np.ndarray
     return matrix
 
 
+def _pack_rows_torch(torch, docs: Sequence[np.ndarray], out: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    """The documents' rows one after another into ``out`` (float32), one torch copy per
+    document: only in a thread where torch runs one-threaded (:func:`_serial_torch`), so a
+    copy above torch's grain size does not wake a thread team."""
+    target = torch.from_numpy(out)
+    at = 0
+    for doc in docs:
+        n = len(doc)
+        if isinstance(doc, np.ndarray) and doc.dtype == np.float16:
+            if not (doc.flags.c_contiguous and doc.dtype.isnative):
+                doc = np.ascontiguousarray(doc, dtype=np.float16)  # strided or byte-swapped
+            target[at : at + n].copy_(_from_numpy(torch, doc))
+        else:
+            out[at : at + n] = doc
+        at += n
+
+
+def _from_numpy(torch, array: np.ndarray):  # type: ignore[no-untyped-def]
+    """``torch.from_numpy``; a read-only array (a memory-mapped file), only read here, without
+    torch's warning about it (``catch_warnings`` only then: it is slow and process-wide)."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
 def _pack_rows(docs: Sequence[np.ndarray], out: np.ndarray) -> np.ndarray:
     """The documents' rows one after another into ``out``."""
     at = 0
@@ -194,10 +246,7 @@ def _float16_to_float32(torch, half: np.ndarray, out: np.ndarray) -> None:  # ty
     threads (the product) slows both down severalfold on small machines, and on a busy
     machine each parallel region can stall for a time slice."""
     step = max(1, (_TORCH_GRAIN_SIZE - 1) // max(1, half.shape[1]))
-    with warnings.catch_warnings():
-        # A read-only array (a memory-mapped file) is only read here.
-        warnings.simplefilter("ignore", UserWarning)
-        source = torch.from_numpy(half)
+    source = _from_numpy(torch, half)
     target = torch.from_numpy(out)
     for start in range(0, len(half), step):
         target[start : start + step].copy_(source[start : start + step])
@@ -250,8 +299,106 @@ def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(_WORKERS, thread_name_prefix="m3connect-colbert")
+            _POOL = ThreadPoolExecutor(
+                _WORKERS, thread_name_prefix="m3connect-colbert", initializer=_mark_worker
+            )
         return _POOL
+
+
+def _mark_worker() -> None:
+    _scratch.worker = True
+
+
+def _serial_torch():  # type: ignore[no-untyped-def]
+    """torch, where the calling thread is one of this module's workers and torch runs in it
+    one-threaded; else ``None`` (convert in pieces under torch's grain size, multiply in numpy).
+
+    torch sizes its OpenMP team per thread: each thread reads the process's setting on its
+    first parallel op, then follows its own OpenMP thread count. A worker sets its own count to
+    1 after that first read, once: whole documents convert in one call, and no caller's torch
+    setting changes. Checked, not assumed: ``torch.get_num_threads()`` must then say 1 here."""
+    torch = _torch()
+    if torch is None or not getattr(_scratch, "worker", False):
+        return None
+    serial = getattr(_scratch, "serial_torch", None)
+    if serial is None:
+        torch.get_num_threads()  # torch's per-thread setup, before ours
+        _openmp_controller().limit(limits=1, user_api="openmp")  # this thread only
+        serial = _scratch.serial_torch = torch.get_num_threads() == 1
+        if not serial:  # pragma: no cover - an OpenMP runtime without per-thread counts
+            logger.debug("torch stays parallel in ColBERT worker threads; converting in pieces")
+    return torch if serial else None
+
+
+def _torch_multiplies_here(torch) -> bool:  # type: ignore[no-untyped-def]
+    """Whether torch's matrix product runs one-threaded in the calling (serial) worker. torch
+    links MKL, whose count follows this thread's OpenMP count unless ``torch.set_num_threads``
+    ran before the thread's torch setup (it then sets MKL's count in each thread, a count only
+    read here): numpy multiplies then (its BLAS is one-threaded during scoring)."""
+    ok = getattr(_scratch, "torch_mm", None)
+    if ok is None:
+        if torch.backends.mkl.is_available():  # one thread, or unknown: not ok
+            mkl = _torch_mkl(torch)
+            ok = mkl is not None and int(mkl.MKL_Get_Max_Threads()) == 1
+        else:  # torch's BLAS follows this thread's OpenMP count
+            ok = True
+        _scratch.torch_mm = ok
+        if not ok:
+            logger.debug("torch's MKL is multi-threaded in ColBERT workers; numpy multiplies")
+    return ok
+
+
+def _torch_matmul_is_float32() -> bool:
+    """Whether torch's CPU matrix products are plain float32 now: no bf16 or tf32 allowed by
+    ``torch.set_float32_matmul_precision`` or the ``fp32_precision`` settings (checked at
+    every level, on each call: they are process-wide and may change). ``False`` without torch
+    or when unsure."""
+    torch = _torch()
+    if torch is None:
+        return False
+    try:
+        if torch.get_float32_matmul_precision() != "highest":
+            return False
+        backends = torch.backends
+        mkldnn = getattr(backends, "mkldnn", None)
+        levels = (
+            getattr(backends, "fp32_precision", None),
+            getattr(mkldnn, "fp32_precision", None),
+            getattr(getattr(mkldnn, "matmul", None), "fp32_precision", None),
+        )
+    except RuntimeError:  # legacy and new precision settings mixed: unsure
+        return False
+    return all(level in (None, "none", "ieee") for level in levels)
+
+
+_TORCH_MKL: Any = None
+
+
+def _torch_mkl(torch):  # type: ignore[no-untyped-def]
+    """The MKL linked into torch's CPU library (threadpoolctl does not see it), or ``None``.
+    Only its no-argument ``MKL_Get_Max_Threads`` is called."""
+    global _TORCH_MKL
+    with _BLAS_LOCK:
+        if _TORCH_MKL is None:
+            _TORCH_MKL = False
+            for path in sorted(Path(torch.__file__).parent.joinpath("lib").glob("libtorch_cpu.*")):
+                try:
+                    lib = ctypes.CDLL(str(path))
+                    lib.MKL_Get_Max_Threads.restype = ctypes.c_int
+                    lib.MKL_Get_Max_Threads.argtypes = []
+                except (OSError, AttributeError):
+                    continue
+                _TORCH_MKL = lib
+                break
+    return _TORCH_MKL or None
+
+
+def _openmp_controller() -> ThreadpoolController:
+    global _BLAS_CONTROLLER
+    with _BLAS_LOCK:
+        if _BLAS_CONTROLLER is None:
+            _BLAS_CONTROLLER = ThreadpoolController()
+        return _BLAS_CONTROLLER
 
 
 _BLAS_LOCK = threading.Lock()

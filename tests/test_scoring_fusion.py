@@ -267,3 +267,97 @@ def test_colbert_workers_give_the_loops_answer_and_restore_blas_threads(monkeypa
     for answer in answers:
         np.testing.assert_allclose(answer, expected, rtol=1e-5, atol=1e-6)
     assert blas_threads() == before
+
+
+@pytest.fixture(params=["torch product", "numpy product", "pieces"])
+def float16_packing(request, monkeypatch):
+    """The ways a worker scores float16 rows with torch: whole documents converted where torch
+    runs one-threaded in the worker (the usual case), multiplied by torch or, where torch's MKL
+    is multi-threaded in the worker, by numpy; pieces under torch's grain size otherwise."""
+    pytest.importorskip("torch")
+    if request.param == "torch product":
+        monkeypatch.setattr("m3connect.scoring._torch_multiplies_here", lambda torch: True)
+    elif request.param == "numpy product":
+        monkeypatch.setattr("m3connect.scoring._torch_multiplies_here", lambda torch: False)
+    else:
+        monkeypatch.setattr("m3connect.scoring._serial_torch", lambda: None)
+    return request.param
+
+
+def test_colbert_mixed_float16_documents_give_the_loops_answer(float16_packing, monkeypatch):
+    """float16 (contiguous, strided, byte-swapped, read-only), short float32 and list documents
+    packed into the same blocks: the loop's answer, and no warning about read-only arrays."""
+    import warnings
+
+    rng = np.random.default_rng(11)
+    q = rng.normal(size=(6, 16)).astype(np.float32)
+    read_only = rng.normal(size=(9, 16)).astype(np.float16)
+    read_only.flags.writeable = False
+    docs = [
+        rng.normal(size=(5, 16)).astype(np.float16),
+        rng.normal(size=(3, 16)).astype(np.float32),
+        rng.normal(size=(12, 32)).astype(np.float16)[::2, ::2],  # strided
+        rng.normal(size=(4, 16)).astype(">f2"),  # byte-swapped
+        np.zeros((0, 16), dtype=np.float16),
+        read_only,
+        rng.normal(size=(2, 16)).astype(np.float16).tolist(),
+        rng.normal(size=(70, 16)).astype(np.float16),  # longer than a block
+    ]
+    expected = _colbert_by_loop(q, docs)
+    monkeypatch.setattr("m3connect.scoring._COLBERT_BLOCK_ELEMENTS", 24 * 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = colbert_scores(q, docs)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert got[4] == 0.0
+    assert not read_only.flags.writeable
+
+
+def test_colbert_float16_runs_torch_one_threaded_in_the_workers_only():
+    """A float16 call (even a single block) is scored by the worker threads, where torch runs
+    one-threaded; the caller's torch keeps its thread count."""
+    torch = pytest.importorskip("torch")
+    from m3connect import scoring
+
+    before = torch.get_num_threads()
+    rng = np.random.default_rng(12)
+    q = rng.normal(size=(4, 8)).astype(np.float32)
+    docs = [rng.normal(size=(3, 8)).astype(np.float16) for _ in range(2)]
+    np.testing.assert_allclose(
+        colbert_scores(q, docs), _colbert_by_loop(q, docs), rtol=1e-5, atol=1e-6
+    )
+    assert torch.get_num_threads() == before
+    seen = set(
+        scoring._pool().map(
+            lambda _: (torch.get_num_threads(), scoring._serial_torch() is torch), range(16)
+        )
+    )
+    assert seen == {(1, True)}
+    assert scoring._serial_torch() is None  # not a worker: the caller's torch is left alone
+
+
+@pytest.mark.parametrize("setting", ["legacy medium", "mkldnn matmul bf16"])
+def test_colbert_float16_stays_float32_when_torch_allows_lower_precision_matmuls(setting):
+    """A process that lets torch multiply float32 in bf16 (training scripts do) still gets
+    float32 ColBERT scores: the workers' product falls back to numpy then."""
+    torch = pytest.importorskip("torch")
+    from m3connect import scoring
+
+    rng = np.random.default_rng(13)
+    q = rng.normal(size=(32, 256)).astype(np.float32)
+    docs = [rng.normal(size=(64, 256)).astype(np.float16) for _ in range(6)]
+    expected = _colbert_by_loop(q, docs)
+    matmul = torch.backends.mkldnn.matmul
+    try:
+        if setting == "legacy medium":
+            torch.set_float32_matmul_precision("medium")
+        else:
+            matmul.fp32_precision = "bf16"
+        assert not scoring._torch_matmul_is_float32()
+        np.testing.assert_allclose(colbert_scores(q, docs), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        if setting == "legacy medium":
+            torch.set_float32_matmul_precision("highest")
+        else:
+            matmul.fp32_precision = "none"
+    assert scoring._torch_matmul_is_float32()
