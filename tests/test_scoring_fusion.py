@@ -313,6 +313,37 @@ def test_colbert_mixed_float16_documents_give_the_loops_answer(float16_packing, 
     assert not read_only.flags.writeable
 
 
+@pytest.mark.parametrize("product", ["torch", "numpy"])
+def test_colbert_float32_documents_multiplied_in_place_give_the_loops_answer(product, monkeypatch):
+    """float32 documents long enough to be multiplied where they lie (writeable, read-only,
+    memory-mapped) give the loop's answer, whether the worker multiplies with torch's BLAS or
+    with numpy's."""
+    torch = pytest.importorskip("torch")
+    from m3connect import scoring
+
+    calls = []
+    real_mm = torch.mm
+
+    def counting_mm(a, b):  # type: ignore[no-untyped-def]
+        calls.append(a.shape)
+        return real_mm(a, b)
+
+    monkeypatch.setattr(torch, "mm", counting_mm)
+    monkeypatch.setattr(scoring, "_torch_multiplies_here", lambda torch: product == "torch")
+    monkeypatch.setattr(scoring, "_COLBERT_BLOCK_ELEMENTS", 40 * 16)
+    monkeypatch.setattr(scoring, "_COLBERT_TASK_ELEMENTS", 40 * 16)
+    monkeypatch.setattr(scoring, "_WORKERS", 2)
+    rng = np.random.default_rng(14)
+    q = rng.normal(size=(6, 16)).astype(np.float32)
+    read_only = rng.normal(size=(33, 16)).astype(np.float32)
+    read_only.flags.writeable = False
+    docs = [rng.normal(size=(int(n), 16)).astype(np.float32) for n in (32, 40, 64, 90)]
+    docs.append(read_only)
+    expected = _colbert_by_loop(q, docs)
+    np.testing.assert_allclose(colbert_scores(q, docs), expected, rtol=1e-5, atol=1e-6)
+    assert len(calls) == (len(docs) if product == "torch" else 0)
+
+
 def test_colbert_float16_runs_torch_one_threaded_in_the_workers_only():
     """A float16 call (even a single block) is scored by the worker threads, where torch runs
     one-threaded; the caller's torch keeps its thread count."""

@@ -234,9 +234,12 @@ class ColbertRowFile:
         if size == 0:
             return np.empty((0, self.dim), dtype=self.dtype)
         with open(path, "rb") as f:
-            view = mmap.mmap(f.fileno(), size * self.row_bytes, access=mmap.ACCESS_READ)
-        # A plain read-only array over the mapping (slicing an np.memmap costs ~10x more, and a
-        # scan slices every document).
+            # A private mapping: arrays over it are writeable, so torch takes them without a
+            # warning about read-only memory (nothing writes to them; a write would stay in
+            # this process and never reach the file).
+            view = mmap.mmap(f.fileno(), size * self.row_bytes, access=mmap.ACCESS_COPY)
+        # A plain array over the mapping (slicing an np.memmap costs ~10x more, and a scan
+        # slices every document).
         mapped = np.frombuffer(view, dtype=self.dtype).reshape(size, self.dim)
         self._maps[generation] = mapped
         return mapped
