@@ -141,30 +141,30 @@ def colbert_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:
 def _block_maxsim(
     query_t: np.ndarray, docs: Sequence[np.ndarray], rows: int, torch_mm: bool = False
 ) -> np.ndarray:
-    """ColBERT means of non-empty ``docs`` (``rows`` rows in all) in one matrix product."""
+    """ColBERT means of non-empty ``docs`` (``rows`` rows in all) in one matrix product.
+    ``torch_mm``: torch's matrix products are plain float32 now (see :func:`colbert_scores`)."""
     torch = _serial_torch()
+    # torch's BLAS (MKL) multiplies a 128 x 1024 document by 32 query rows ~25% faster than
+    # numpy's, where it runs one-threaded in this worker.
+    torch_mm = torch is not None and torch_mm and _torch_multiplies_here(torch)
     if all(_multiplies_in_place(doc) for doc in docs):
         # float32 rows BLAS reads where they lie (a memory-mapped file, an array per
         # document): one product per document, no copy.
-        if torch is not None and torch_mm and _torch_multiplies_here(torch):
+        if torch_mm:
             query = torch.from_numpy(query_t)
             products = [torch.mm(_from_numpy(torch, doc), query).numpy() for doc in docs]
         else:
             products = [doc @ query_t for doc in docs]
         best = np.stack([product.max(axis=0) for product in products])
         return best.mean(axis=1, dtype=np.float64)
-    if torch is not None and any(getattr(doc, "dtype", None) == np.float16 for doc in docs):
-        # Converted into the scratch block one call per document and multiplied there by
-        # torch's BLAS, both in this thread: the product and its input stay in this core's cache.
-        matrix = _scratch_rows("float32", rows, query_t.shape[0])
-        _pack_rows_torch(torch, docs, matrix)
-        if torch_mm and _torch_multiplies_here(torch):  # MKL: faster than OpenBLAS at m ~ 32
-            # (~25% on a 128 x 1024 document against 32 query rows, float32 as well)
-            sims = torch.mm(torch.from_numpy(matrix), torch.from_numpy(query_t)).numpy()
-        else:
-            sims = matrix @ query_t
+    half = torch is not None and any(getattr(doc, "dtype", None) == np.float16 for doc in docs)
+    # float16 rows: converted into the scratch block a document at a time, in this thread, and
+    # multiplied there: the product and its input stay in this core's cache.
+    matrix = _block_matrix(docs, rows, query_t.shape[0], torch if half else None)
+    if half and torch_mm:
+        sims = torch.mm(torch.from_numpy(matrix), torch.from_numpy(query_t)).numpy()
     else:
-        sims = _block_matrix(docs, rows, query_t.shape[0]) @ query_t  # [rows, m]
+        sims = matrix @ query_t  # [rows, m]
     if len(docs) == 1:
         best = sims.max(axis=0, keepdims=True)
     else:
@@ -187,13 +187,17 @@ def _multiplies_in_place(doc: np.ndarray) -> bool:
     )
 
 
-def _block_matrix(docs: Sequence[np.ndarray], rows: int, dim: int) -> np.ndarray:
-    """The documents' rows one after another as one float32 ``[rows, dim]`` matrix."""
+def _block_matrix(
+    docs: Sequence[np.ndarray], rows: int, dim: int, serial_torch: Any = None
+) -> np.ndarray:
+    """The documents' rows one after another as one float32 ``[rows, dim]`` matrix.
+    ``serial_torch``: torch, where it runs one-threaded in this thread (:func:`_serial_torch`):
+    a float16 document is then converted in one call, above torch's grain size."""
     first = docs[0]
     if len(docs) == 1 and isinstance(first, np.ndarray) and first.dtype == np.float32:
         return first  # BLAS takes it as it is
     matrix = _scratch_rows("float32", rows, dim)
-    torch = _torch()
+    torch = serial_torch or _torch()
     if torch is None:
         return _pack_rows(docs, matrix)  # any dtype -> float32, once
     at = 0
@@ -202,28 +206,14 @@ def _block_matrix(docs: Sequence[np.ndarray], rows: int, dim: int) -> np.ndarray
         if isinstance(doc, np.ndarray) and doc.dtype == np.float16:
             if not (doc.flags.c_contiguous and doc.dtype.isnative):
                 doc = np.ascontiguousarray(doc, dtype=np.float16)  # strided or byte-swapped
-            _float16_to_float32(torch, doc, matrix[at : at + n])  # converted where it lies
+            if serial_torch is not None:
+                torch.from_numpy(matrix[at : at + n]).copy_(_from_numpy(torch, doc))
+            else:
+                _float16_to_float32(torch, doc, matrix[at : at + n])  # converted where it lies
         else:
             matrix[at : at + n] = doc
         at += n
     return matrix
-
-
-def _pack_rows_torch(torch, docs: Sequence[np.ndarray], out: np.ndarray) -> None:  # type: ignore[no-untyped-def]
-    """The documents' rows one after another into ``out`` (float32), one torch copy per
-    document: only in a thread where torch runs one-threaded (:func:`_serial_torch`), so a
-    copy above torch's grain size does not wake a thread team."""
-    target = torch.from_numpy(out)
-    at = 0
-    for doc in docs:
-        n = len(doc)
-        if isinstance(doc, np.ndarray) and doc.dtype == np.float16:
-            if not (doc.flags.c_contiguous and doc.dtype.isnative):
-                doc = np.ascontiguousarray(doc, dtype=np.float16)  # strided or byte-swapped
-            target[at : at + n].copy_(_from_numpy(torch, doc))
-        else:
-            out[at : at + n] = doc
-        at += n
 
 
 def _from_numpy(torch, array: np.ndarray):  # type: ignore[no-untyped-def]
