@@ -115,19 +115,20 @@ def colbert_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:
         start = stop
 
     half = any(isinstance(doc, np.ndarray) and doc.dtype == np.float16 for doc in docs)
-    # torch multiplies only in IEEE float32 (a process may have allowed bf16 or tf32 matmuls).
-    torch_mm = _torch_matmul_is_float32()
-
-    def run(task: list[tuple[list[int], int]]) -> None:
-        for members, rows in task:
-            out[members] = _block_maxsim(query_t, [docs[i] for i in members], rows, torch_mm)
-
     # Worker threads (numpy and torch release the GIL) each run one-threaded products: a
     # block is too small for BLAS's own threads, whose start and join per product cost more
     # than the product on a busy machine.
     # float16 blocks go to the workers even alone: there torch converts and multiplies in one
     # thread (see _serial_torch); the calling thread's torch may run parallel regions.
     in_caller = (len(tasks) == 1 or _WORKERS == 1) and not (half and _torch() is not None)
+    # torch multiplies (in the workers only) in IEEE float32: a process may have allowed bf16
+    # or tf32 matmuls.
+    torch_mm = not in_caller and _torch_matmul_is_float32()
+
+    def run(task: list[tuple[list[int], int]]) -> None:
+        for members, rows in task:
+            out[members] = _block_maxsim(query_t, [docs[i] for i in members], rows, torch_mm)
+
     with _one_blas_thread():
         if in_caller:
             for task in tasks:
@@ -319,7 +320,7 @@ def _serial_torch():  # type: ignore[no-untyped-def]
     serial = getattr(_scratch, "serial_torch", None)
     if serial is None:
         torch.get_num_threads()  # torch's per-thread setup, before ours
-        _openmp_controller().limit(limits=1, user_api="openmp")  # this thread only
+        _threadpool_controller().limit(limits=1, user_api="openmp")  # this thread only
         serial = _scratch.serial_torch = torch.get_num_threads() == 1
         if not serial:  # pragma: no cover - an OpenMP runtime without per-thread counts
             logger.debug("torch stays parallel in ColBERT worker threads; converting in pieces")
@@ -389,7 +390,8 @@ def _torch_mkl(torch):  # type: ignore[no-untyped-def]
     return _TORCH_MKL or None
 
 
-def _openmp_controller() -> ThreadpoolController:
+def _threadpool_controller() -> ThreadpoolController:
+    """The process's threadpoolctl controller (made once: it inspects every loaded library)."""
     global _BLAS_CONTROLLER
     with _BLAS_LOCK:
         if _BLAS_CONTROLLER is None:
@@ -407,12 +409,11 @@ _BLAS_CONTROLLER: Any = None
 def _one_blas_thread() -> Iterator[None]:
     """numpy's BLAS limited to one thread while ColBERT blocks are scored (process-wide, as
     BLAS's thread count is: other threads' numpy products run one-threaded meanwhile)."""
-    global _BLAS_USERS, _BLAS_LIMIT, _BLAS_CONTROLLER
+    global _BLAS_USERS, _BLAS_LIMIT
+    controller = _threadpool_controller()
     with _BLAS_LOCK:
         if _BLAS_USERS == 0:
-            if _BLAS_CONTROLLER is None:
-                _BLAS_CONTROLLER = ThreadpoolController()
-            _BLAS_LIMIT = _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+            _BLAS_LIMIT = controller.limit(limits=1, user_api="blas")
         _BLAS_USERS += 1
     try:
         yield

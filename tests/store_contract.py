@@ -21,7 +21,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import math
+import signal
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -716,3 +721,39 @@ class StoreContract(DataSafetyContract):
 
 def _int_position(ids: Sequence[DocId], doc_id: int) -> int:
     return next(i for i, x in enumerate(ids) if type(x) is int and x == doc_id)
+
+
+def sigkill_edge_writer(path: Path, after_docs: int, **store_options: Any) -> int:
+    """Start a process that adds 8 synthetic documents a step (ids ``s<step>-<i>``, the
+    embeddings of ``synthetic_embeddings(8, seed=step)``) to a ``QdrantEdgeStore`` at ``path``,
+    SIGKILL it once its ``add`` calls have returned ``after_docs`` documents or more, and return
+    how many had returned."""
+    root = Path(__file__).resolve().parents[1]
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(root / "tests")!r})
+        from store_contract import FINGERPRINT, synthetic_embeddings
+        from m3connect.stores.qdrant import QdrantEdgeStore
+        store = QdrantEdgeStore({str(path)!r}, fingerprint=FINGERPRINT, **{store_options!r})
+        for step in range(100000):
+            ids = [f"s{{step}}-{{i}}" for i in range(8)]
+            store.add(ids, synthetic_embeddings(8, seed=step))
+            print(8 * (step + 1), flush=True)
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )
+    assert child.stdout is not None
+    written = 0
+    for line in child.stdout:
+        written = int(line)
+        if written >= after_docs:
+            break
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=60)
+    return written

@@ -10,7 +10,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from store_contract import FINGERPRINT, synthetic_embeddings, synthetic_queries
+from store_contract import (
+    FINGERPRINT,
+    sigkill_edge_writer,
+    synthetic_embeddings,
+    synthetic_queries,
+)
 
 from m3connect.indexing import IndexJob, drop_collection
 from m3connect.store import StoreError
@@ -205,36 +210,8 @@ def test_float16_maxsim_at_bge_m3_size_is_the_engines_within_tolerance(tmp_path:
 def test_sigkilled_writer_leaves_a_shard_that_opens_with_whole_writes(tmp_path: Path) -> None:
     """A writer killed with SIGKILL mid-job: the lock goes with the process, the shard opens
     (the engine replays its write-ahead log) and holds every write that returned."""
-    import signal
-
     path = tmp_path / "killed"
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.path.insert(0, {str(ROOT / "tests")!r})
-        from store_contract import FINGERPRINT, synthetic_embeddings
-        from m3connect.stores.qdrant import QdrantEdgeStore
-        store = QdrantEdgeStore({str(path)!r}, fingerprint=FINGERPRINT)
-        for step in range(1000):
-            ids = [f"s{{step}}-{{i}}" for i in range(8)]
-            store.add(ids, synthetic_embeddings(8, seed=step))
-            print(8 * (step + 1), flush=True)
-        """
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", script],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-    )
-    assert child.stdout is not None
-    written = 0
-    for line in child.stdout:
-        written = int(line)
-        if written >= 40:
-            break
-    child.send_signal(signal.SIGKILL)
-    child.wait(timeout=60)
+    written = sigkill_edge_writer(path, 40)
     with QdrantEdgeStore(path) as store:
         count = store.count()
         assert count >= written and count % 8 == 0

@@ -5,16 +5,19 @@ row files, and a writer killed mid-job all give the reference store's answers.""
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from store_contract import FINGERPRINT, assert_same_hits, synthetic_embeddings, synthetic_queries
+from store_contract import (
+    FINGERPRINT,
+    assert_same_hits,
+    sigkill_edge_writer,
+    synthetic_embeddings,
+    synthetic_queries,
+)
 
 from m3connect.store import SearchParams
 from m3connect.stores.memory import InMemoryStore
@@ -307,34 +310,8 @@ def test_row_file_refuses_another_dimension(tmp_path: Path) -> None:
 def test_sigkilled_writer_leaves_rows_that_answer_like_the_reference(tmp_path: Path) -> None:
     """Killed at any point of a job (mid-append included), the shard reopens and every search
     the row file answers equals the reference over the documents the shard holds."""
-    import signal
-
     path = tmp_path / "killed"
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.path.insert(0, {str(ROOT / "tests")!r})
-        from store_contract import FINGERPRINT, synthetic_embeddings
-        from m3connect.stores.qdrant import QdrantEdgeStore
-        store = QdrantEdgeStore({str(path)!r}, fingerprint=FINGERPRINT, batch_size=3)
-        for step in range(100000):
-            ids = [f"s{{step}}-{{i}}" for i in range(8)]
-            store.add(ids, synthetic_embeddings(8, seed=step))
-            print(8 * (step + 1), flush=True)
-        """
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", script],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-    )
-    assert child.stdout is not None
-    for line in child.stdout:
-        if int(line) >= 80:
-            break
-    child.send_signal(signal.SIGKILL)
-    child.wait(timeout=60)
+    sigkill_edge_writer(path, 80, batch_size=3)
     with QdrantEdgeStore(path) as store:
         held = {r.id for r in store.iter_records()}
         reference = InMemoryStore(fingerprint=FINGERPRINT)

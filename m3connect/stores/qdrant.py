@@ -750,11 +750,17 @@ class _QdrantBase(StoreBase):
         ]
 
     def _request(self, plan: _Plan, qv: _QueryVectors, query_filter: Any) -> Any:
+        return self._stage_request(plan.top, qv, query_filter, plan.fetch_parts)
+
+    def _stage_request(
+        self, top: _Stage, qv: _QueryVectors, query_filter: Any, fetch_parts: Sequence[str] = ()
+    ) -> Any:
+        """The query request for ``top``, returning the vectors of ``fetch_parts``."""
         params = (
             self._dialect.search_params(self.exact, self.hnsw_ef) if self._use_params() else None
         )
         return self._dialect.request(
-            plan.top, qv, self.names, query_filter, params, self._vector_names(plan.fetch_parts)
+            top, qv, self.names, query_filter, params, self._vector_names(fetch_parts)
         )
 
     def _use_params(self) -> bool:
@@ -1840,7 +1846,9 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
                 # same values) come from one conversion.
                 stored = self._stored_colbert_dtype
                 colbert = [
-                    batch.embeddings.colbert[i].astype(stored, copy=False).astype(np.float32)  # type: ignore[index]
+                    batch.embeddings.colbert[i]  # type: ignore[index]
+                    .astype(stored, copy=False)
+                    .astype(np.float32, copy=False)
                     for i in rows
                 ]
                 # The rows are written while the points are built (the write runs without the
@@ -1992,14 +2000,7 @@ class QdrantEdgeStore(_SyncWrites, M3Store):
                 return []
             ranker = ranked[0]
             ranker.limit = params.candidates
-            search_params = (
-                self._dialect.search_params(self.exact, self.hnsw_ef)
-                if self._use_params()
-                else None
-            )
-            points = self.shard.query(
-                self._dialect.request(ranker, qv, self.names, query_filter, search_params, [])
-            )
+            points = self.shard.query(self._stage_request(ranker, qv, query_filter))
             colbert = self._colbert_scores(
                 query,
                 [str(p.id) for p in points],
